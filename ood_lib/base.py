@@ -1,0 +1,203 @@
+"""The base model of the study: the data of a profile, training per seed, every detector after every epoch.
+
+Notebook 01 trains it; notebooks 02-04 load the same runs. A run lives in
+``<cache>/base/<hash of the data, model and train sections>/seed<k>/`` (``run_dir``), so any notebook that asks
+for the base model of a profile finds the weights 01 trained instead of training again.
+
+Held-out data, so that an epoch can be chosen without looking at test OOD data:
+  * ID validation: ``data.id_val_size`` images of the ID training split that are never trained on;
+  * OOD validation: each OOD set is split in half (seed ``data.split_seed``); one half (``val``) may be used
+    for choosing, the other (``test``) is the only one reported in ``metrics.csv``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ood_lib import metrics
+from ood_lib.config import Profile
+from ood_lib.data import DATASETS, ImageArrays, load_dataset
+from ood_lib.detectors import LOGIT_DETECTORS
+from ood_lib.features import FeatureCache, Preprocess, odin_scores, outputs
+from ood_lib.models import ARCHITECTURES, weights_digest
+from ood_lib.paths import cache_dir
+from ood_lib.train import load_epoch, resolve_device, train
+
+NOTEBOOK = "01"
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A preprocessed set to score: uint8 images (N, C, H, W) on the CPU, labels, and the source checksum."""
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: np.ndarray
+    checksum: str
+
+
+@dataclass(frozen=True)
+class StudyData:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    id_val: EvalSet
+    id_test: EvalSet
+    ood_val: dict[str, EvalSet]
+    ood_test: dict[str, EvalSet]
+    num_classes: int
+    pre: Preprocess
+
+    def checksums(self) -> dict[str, str]:
+        sets = [self.id_val, self.id_test, *self.ood_val.values(), *self.ood_test.values()]
+        return {f"{s.name}/{s.split}": s.checksum for s in sets}
+
+
+def _subset(arrays: ImageArrays, size: int | None, rng: np.random.Generator) -> ImageArrays:
+    if size is None or size >= len(arrays.y):
+        return arrays
+    return arrays.subset(np.sort(rng.permutation(len(arrays.y))[:size]))
+
+
+def _eval_set(arrays: ImageArrays, split: str, pre: Preprocess) -> EvalSet:
+    return EvalSet(arrays.name, split, pre(arrays.x), arrays.y.copy(), arrays.checksum)
+
+
+def prepare_data(profile: Profile) -> StudyData:
+    """Load, subset, split and preprocess every set of the profile (deterministic in ``data.split_seed``)."""
+    d = profile.data
+    pre = Preprocess(d.input_size, d.channels)
+    rng = np.random.default_rng(d.split_seed)
+    train_all = load_dataset(d.id_set, "train")
+    order = rng.permutation(len(train_all.y))
+    val_idx = np.sort(order[:d.id_val_size])
+    end = None if d.train_size is None else d.id_val_size + d.train_size
+    train_idx = np.sort(order[d.id_val_size:end])
+    train_set = train_all.subset(train_idx)
+    id_val = _eval_set(train_all.subset(val_idx), "val", pre)
+    id_test = _eval_set(_subset(load_dataset(d.id_set, "test"), d.id_test_size, rng), "test", pre)
+    ood_val, ood_test = {}, {}
+    for name in d.ood_sets:
+        arrays = _subset(load_dataset(name, DATASETS[name].ood_split), d.ood_size, rng)
+        halves = np.array_split(rng.permutation(len(arrays.y)), 2)
+        ood_val[name] = _eval_set(arrays.subset(np.sort(halves[0])), "val", pre)
+        ood_test[name] = _eval_set(arrays.subset(np.sort(halves[1])), "test", pre)
+    return StudyData(pre(train_set.x), torch.from_numpy(train_set.y.astype(np.int64)), id_val, id_test,
+                     ood_val, ood_test, DATASETS[d.id_set].num_classes, pre)
+
+
+def build_model(profile: Profile, data: StudyData) -> torch.nn.Module:
+    """The profile's architecture; normalisation constants from the ID training images unless given."""
+    x = data.train_images.float().div(255)
+    options = {"mean": tuple(round(v, 4) for v in x.mean((0, 2, 3)).tolist()),
+               "std": tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist()),
+               **profile.model.options}
+    if "blocks" in options:
+        options["blocks"] = tuple(options["blocks"])
+    return ARCHITECTURES[profile.model.arch](num_classes=data.num_classes, in_channels=profile.data.channels,
+                                             **options)
+
+
+def run_dir(profile: Profile, seed: int) -> Path:
+    return cache_dir(profile.name) / "base" / profile.digest("data", "model", "train") / f"seed{seed}"
+
+
+def feature_cache(profile: Profile) -> FeatureCache:
+    return FeatureCache(cache_dir(profile.name) / "features")
+
+
+def score_sets(profile: Profile, model: torch.nn.Module, digest: str, sets: list[EvalSet], cache: FeatureCache,
+               device: torch.device) -> dict[tuple[str, str], dict]:
+    """Scores of every profile detector (and logits) on each set, all through the cache."""
+    e = profile.eval
+    out = {}
+    for s in sets:
+        o = outputs(cache, model, digest, s.images, s.checksum, data_pre(profile), device, e.batch_size,
+                    amp=profile.train.bf16)
+        scores = {name: LOGIT_DETECTORS[name](o["logits"]) for name in e.detectors if name in LOGIT_DETECTORS}
+        if "odin" in e.detectors:
+            scores["odin"] = odin_scores(cache, model, digest, s.images, s.checksum, data_pre(profile), device,
+                                         e.odin_temperature, e.odin_epsilon, batch_size=min(e.batch_size, 500))
+        out[(s.name, s.split)] = {"logits": o["logits"], "labels": s.labels, "scores": scores}
+    return out
+
+
+def data_pre(profile: Profile) -> Preprocess:
+    return Preprocess(profile.data.input_size, profile.data.channels)
+
+
+def metric_rows(profile: Profile, scored: dict, data: StudyData, seed: int, epoch: int | None, model_name: str,
+                notebook: str) -> list[dict]:
+    """Tidy rows (STUDY §6) plus a ``split`` column: ``test`` rows go to metrics.csv, ``val`` rows select."""
+    rows = []
+    base = {"notebook": notebook, "seed": seed, "model": model_name, "epoch": epoch, "id_set": profile.data.id_set}
+    for split, id_set, ood in (("test", data.id_test, data.ood_test), ("val", data.id_val, data.ood_val)):
+        id_scored = scored[(id_set.name, id_set.split)]
+        acc = metrics.accuracy(id_scored["logits"], id_scored["labels"])
+        rows.append({**base, "detector": "", "ood_set": "", "metric": "id_acc", "value": acc, "split": split})
+        for name, s in ood.items():
+            for det, id_scores in id_scored["scores"].items():
+                for m, v in metrics.all_metrics(id_scores, scored[(name, s.split)]["scores"][det]).items():
+                    rows.append({**base, "detector": det, "ood_set": name, "metric": m, "value": v, "split": split})
+    return rows
+
+
+def all_sets(data: StudyData) -> list[EvalSet]:
+    return [data.id_test, data.id_val, *data.ood_test.values(), *data.ood_val.values()]
+
+
+def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Train (or resume) the base model for one seed, scoring every set after every epoch into the cache.
+
+    Returns the per-epoch history: train loss and accuracy, lr, seconds, weights digest. A finished run is
+    only reloaded. ``evaluate_run`` then turns the cached scores into metric rows.
+    """
+    device = resolve_device(profile.device)
+    if profile.threads:
+        torch.set_num_threads(profile.threads)
+    torch.manual_seed(seed)
+    model = build_model(profile, data)
+    cache = feature_cache(profile)
+    sets = all_sets(data)
+
+    def on_epoch_end(epoch: int, m: torch.nn.Module) -> dict:
+        t0 = time.perf_counter()
+        digest = weights_digest(m)
+        scored = score_sets(profile, m, digest, sets, cache, device)
+        rows = metric_rows(profile, scored, data, seed, epoch, "base", NOTEBOOK)
+        sel = profile.eval.selection_detector
+        fpr = [r["value"] for r in rows if r["split"] == "test" and r["metric"] == "fpr95" and r["detector"] == sel]
+        acc = next(r["value"] for r in rows if r["split"] == "test" and r["metric"] == "id_acc")
+        return {"digest": digest, "eval_seconds": time.perf_counter() - t0, "log_test_acc": acc,
+                f"log_{sel}_fpr95": float(np.mean(fpr)) if fpr else float("nan")}
+
+    history = train(model, data.train_images, data.train_labels, profile.train, seed, run_dir(profile, seed),
+                    device, on_epoch_end=on_epoch_end, log=log)
+    return pd.DataFrame(history).assign(seed=seed)
+
+
+def evaluate_run(profile: Profile, data: StudyData, seed: int) -> pd.DataFrame:
+    """Metric rows of every epoch of a trained seed, from the feature cache (weights reloaded per epoch)."""
+    device = resolve_device(profile.device)
+    torch.manual_seed(seed)
+    model = build_model(profile, data)
+    cache = feature_cache(profile)
+    sets = all_sets(data)
+    rows = []
+    for epoch in range(1, profile.train.epochs + 1):
+        load_epoch(model, run_dir(profile, seed), epoch)
+        scored = score_sets(profile, model, weights_digest(model), sets, cache, device)
+        rows += metric_rows(profile, scored, data, seed, epoch, "base", NOTEBOOK)
+    return pd.DataFrame(rows)
+
+
+def load_base(profile: Profile, data: StudyData, seed: int, epoch: int | None = None) -> torch.nn.Module:
+    """The base model of ``seed`` at ``epoch`` (default: the final epoch), in eval mode; trains nothing."""
+    torch.manual_seed(seed)
+    model = build_model(profile, data)
+    return load_epoch(model, run_dir(profile, seed), epoch or profile.train.epochs).eval()

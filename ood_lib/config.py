@@ -1,0 +1,214 @@
+"""Profiles: one YAML file per profile in ``configs/``, read into frozen dataclasses.
+
+Every field and its default is visible below. A key the dataclasses do not know, a wrong type or an unknown
+name (profile, dataset, architecture, detector) raises ``ProfileError`` that lists the allowed names, before
+any work starts. ``load_profile(name, overrides)`` also takes dotted overrides such as ``{"train.epochs": 3}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ood_lib.paths import PROJECT_ROOT
+
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+class ProfileError(ValueError):
+    """A profile or parameter that does not exist or has a wrong value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    id_set: str = "fashion_mnist"
+    ood_sets: tuple[str, ...] = ("mnist", "animal_mnist")
+    train_size: int | None = None    # images drawn once (seed-independent) from the ID train split; None = all
+    id_val_size: int = 1000          # held out from the ID train split, never trained on (for OOD-free selection)
+    id_test_size: int | None = None  # ID test images scored; None = the whole split
+    ood_size: int | None = None      # images per OOD set before the val/test halving; None = all
+    input_size: int = 28             # images are resized to input_size x input_size
+    channels: int = 1                # 1 = grayscale, 3 = RGB (sets are converted to this)
+    split_seed: int = 0              # fixes the subsets and the OOD val/test halves for every training seed
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet_small"
+    options: dict = field(default_factory=dict)  # keyword arguments of the architecture's constructor
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD with momentum and a per-epoch cosine schedule, lr_e = lr * (1 + cos(pi e / E)) / 2 (UM's recipe)."""
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    crop_padding: int = 4            # random crop with zero padding; 0 disables
+    flip: bool = True                # random horizontal flip
+    bf16: bool = True                # autocast to bfloat16 on CUDA (ignored on CPU)
+    channels_last: bool = True       # channels-last memory format on CUDA (ignored on CPU)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    detectors: tuple[str, ...] = ("msp", "maxlogit", "energy", "odin")
+    batch_size: int = 1000
+    odin_temperature: float = 1000.0
+    odin_epsilon: float = 0.0014     # on [0, 1] inputs
+    selection_detector: str = "energy"  # the detector whose curves the notebooks headline
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str = ""
+    notebooks: tuple[str, ...] = ("01",)   # the notebooks `make reproduce` / the runner runs by default
+    seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"                   # auto | cpu | cuda
+    threads: int | None = None             # torch CPU threads; None = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrained: tuple[str, ...] = ()       # checkpoints of ood_lib.models.PRETRAINED evaluated by this profile
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self, *sections: str) -> str:
+        """Short SHA-256 of the named sections (e.g. ``digest("data", "model", "train")`` keys trained models)."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+DEVICES = ("auto", "cpu", "cuda")
+NOTEBOOKS = ("00", "01", "02", "03", "04", "05")
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against the annotation ``tp`` (the few types used above) and convert lists to tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ProfileError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ProfileError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ProfileError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProfileError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProfileError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ProfileError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def _build(cls, values, where: str):
+    if not isinstance(values, dict):
+        raise ProfileError(f"{where}: expected a mapping of {cls.__name__} fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ProfileError(f"{where}: unknown parameter(s) {unknown}; allowed: {allowed}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()})
+
+
+def _apply_overrides(raw: dict, overrides: dict) -> dict:
+    raw = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ProfileError(f"override {dotted!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def _validate_names(p: Profile) -> None:
+    from ood_lib.data import DATASETS
+    from ood_lib.detectors import DETECTORS
+    from ood_lib.models import ARCHITECTURES, PRETRAINED
+
+    def check(kind, name, allowed):
+        if name not in allowed:
+            raise ProfileError(f"profile {p.name!r}: unknown {kind} {name!r}; allowed: {sorted(allowed)}")
+
+    for s in (p.data.id_set, *p.data.ood_sets):
+        check("dataset", s, DATASETS)
+    check("architecture", p.model.arch, ARCHITECTURES)
+    for d in p.eval.detectors:
+        check("detector", d, DETECTORS)
+    check("detector", p.eval.selection_detector, DETECTORS)
+    for m in p.pretrained:
+        check("pretrained model", m, PRETRAINED)
+    check("device", p.device, DEVICES)
+    for nb in p.notebooks:
+        check("notebook", nb, NOTEBOOKS)
+    if p.data.channels not in (1, 3):
+        raise ProfileError(f"profile {p.name!r}: data.channels must be 1 or 3, got {p.data.channels}")
+    if not p.seeds:
+        raise ProfileError(f"profile {p.name!r}: seeds must list at least one seed")
+    for name, v in [("train.epochs", p.train.epochs), ("train.batch_size", p.train.batch_size),
+                    ("eval.batch_size", p.eval.batch_size)]:
+        if v < 1:
+            raise ProfileError(f"profile {p.name!r}: {name} must be at least 1, got {v}")
+
+
+def load_profile(name: str, overrides: dict | None = None, config_dir: Path | None = None) -> Profile:
+    """Read ``configs/<name>.yaml``, apply dotted ``overrides`` and validate every name and value."""
+    config_dir = Path(config_dir) if config_dir else CONFIG_DIR
+    path = config_dir / f"{name}.yaml"
+    if not path.is_file():
+        allowed = sorted(p.stem for p in config_dir.glob("*.yaml"))
+        raise ProfileError(f"unknown profile {name!r}; allowed: {allowed}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _apply_overrides(raw, overrides or {})
+    if "name" in raw:
+        raise ProfileError(f"{path}: 'name' is taken from the file name; remove it")
+    profile = _build(Profile, {"name": name, **raw}, "")
+    _validate_names(profile)
+    return profile
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``"train.epochs=3"`` -> ("train.epochs", 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ProfileError(f"override {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)

@@ -1,0 +1,136 @@
+"""Logits and penultimate features, extracted once and cached by content hash.
+
+A cache entry is keyed by (model weights digest, dataset content checksum, preprocessing, extraction
+settings), so the same weights on the same images are never run twice, whichever notebook asks. Entries are
+``.npz`` files written atomically under the cache folder. Every detector then runs from the cached arrays.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ood_lib import detectors
+
+# ITU-R BT.601 luma weights, for colour images fed to a grayscale model.
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How uint8 (N, H, W, C) arrays become model inputs: channel conversion, then bilinear resize."""
+    size: int
+    channels: int
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, C) numpy -> uint8 (N, channels, size, size) torch tensor on the CPU."""
+        t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+        c = t.shape[1]
+        if c != self.channels:
+            if c == 1 and self.channels == 3:
+                t = t.expand(-1, 3, -1, -1)
+            elif c == 3 and self.channels == 1:
+                w = torch.tensor(LUMA).view(1, 3, 1, 1)
+                t = (t.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            else:
+                raise ValueError(f"cannot convert {c} channels to {self.channels}")
+        if t.shape[-2:] != (self.size, self.size):
+            t = F.interpolate(t.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        return t.contiguous()
+
+
+class FeatureCache:
+    """A folder of ``<sha256>.npz`` entries; ``get(parts, compute)`` returns the cached arrays or computes them."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(parts: dict) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def path(self, parts: dict) -> Path:
+        return self.root / f"{self.key(parts)}.npz"
+
+    def get(self, parts: dict, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        path = self.path(parts)
+        if path.exists():
+            try:
+                with np.load(path) as z:
+                    out = {k: z[k] for k in z.files}
+                self.hits += 1
+                return out
+            except (OSError, ValueError, EOFError):  # a damaged entry is recomputed, never trusted
+                path.unlink(missing_ok=True)
+        out = compute()
+        self.misses += 1
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp.npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, **out)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return out
+
+
+def _batches(images: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool):
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1000,
+            amp: bool = False) -> dict[str, np.ndarray]:
+    """Logits and penultimate features (float32) of uint8 images (N, C, H, W), model in eval mode."""
+    model.eval().to(device)
+    cuda = device.type == "cuda"
+    logits, feats = [], []
+    for x in _batches(images, batch_size, device, channels_last=cuda and amp):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and amp):
+            f = model.features(x)
+            z = model.fc(f)
+        logits.append(z.float().cpu())
+        feats.append(f.float().cpu())
+    return {"logits": torch.cat(logits).numpy(), "features": torch.cat(feats).numpy()}
+
+
+def outputs(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
+            pre: Preprocess, device: torch.device, batch_size: int = 1000, amp: bool = False) -> dict[str, np.ndarray]:
+    """Cached ``extract``: ``images`` are already preprocessed with ``pre``; ``checksum`` is the source data's."""
+    parts = {"what": "outputs", "weights": digest, "data": checksum, "pre": pre.key(), "amp": bool(amp)}
+    return cache.get(parts, lambda: extract(model, images, device, batch_size, amp))
+
+
+def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
+                pre: Preprocess, device: torch.device, temperature: float, epsilon: float,
+                batch_size: int = 500) -> np.ndarray:
+    """Cached ODIN scores (they need input gradients, so they cannot come from the logits cache)."""
+    parts = {"what": "odin", "weights": digest, "data": checksum, "pre": pre.key(),
+             "temperature": temperature, "epsilon": epsilon}
+
+    def compute():
+        model.eval().to(device)
+        x = images.float().div_(255)
+        return {"scores": detectors.odin(model, x, temperature, epsilon, batch_size)}
+
+    return cache.get(parts, compute)["scores"]

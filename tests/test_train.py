@@ -1,0 +1,117 @@
+"""Training: augmentation, schedule, determinism, exact resume after an interruption, the NaN guard."""
+import math
+
+import pytest
+import torch
+
+from ood_lib.config import TrainConfig
+from ood_lib.models import resnet_small
+from ood_lib.train import TrainingDiverged, augment, cosine_lr, load_epoch, train
+
+CFG = TrainConfig(epochs=3, batch_size=16, lr=0.05, weight_decay=5e-4, crop_padding=2, flip=True)
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return resnet_small(num_classes=3, in_channels=1, width=4, blocks=(1, 1, 1))
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0.1, 0, 100) == pytest.approx(0.1)
+    assert cosine_lr(0.1, 50, 100) == pytest.approx(0.05)
+    assert cosine_lr(0.1, 99, 100) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.99)))
+
+
+def test_augment_matches_a_manual_crop_and_flip():
+    x = torch.rand(6, 2, 5, 7)
+    out = augment(x, torch.Generator().manual_seed(3), crop_padding=2, flip=True)
+    g = torch.Generator().manual_seed(3)  # replay the same draws
+    dy = torch.randint(0, 5, (6,), generator=g)
+    dx = torch.randint(0, 5, (6,), generator=g)
+    flips = torch.rand(6, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(6):
+        crop = padded[i, :, dy[i]:dy[i] + 5, dx[i]:dx[i] + 7]
+        expected = crop.flip(2) if flips[i] else crop
+        assert torch.equal(out[i], expected)
+    assert torch.equal(augment(x, torch.Generator(), crop_padding=0, flip=False), x)
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    x, y = _data()
+    a, b = _model(), _model()
+    ha = train(a, x, y, CFG, seed=1, run_dir=tmp_path / "a", device=torch.device("cpu"), log=lambda s: None)
+    hb = train(b, x, y, CFG, seed=1, run_dir=tmp_path / "b", device=torch.device("cpu"), log=lambda s: None)
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    c = _model()
+    train(c, x, y, CFG, seed=2, run_dir=tmp_path / "c", device=torch.device("cpu"), log=lambda s: None)
+    assert not torch.equal(c.fc.weight, a.fc.weight)  # another seed, another run
+    assert sorted(p.name for p in (tmp_path / "a").glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    x, y = _data()
+    full = _model()
+    train(full, x, y, CFG, seed=0, run_dir=tmp_path / "full", device=torch.device("cpu"), log=lambda s: None)
+
+    def interrupt(epoch, model):
+        if epoch == 2:
+            raise KeyboardInterrupt  # killed after epoch 2's weights, before its resume state
+        return {}
+
+    first = _model()
+    with pytest.raises(KeyboardInterrupt):
+        train(first, x, y, CFG, seed=0, run_dir=tmp_path / "cut", device=torch.device("cpu"),
+              on_epoch_end=interrupt, log=lambda s: None)
+    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["epoch"] == 1
+    resumed = _model(seed=123)  # a fresh model with other weights: everything must come from the checkpoint
+    history = train(resumed, x, y, CFG, seed=0, run_dir=tmp_path / "cut", device=torch.device("cpu"),
+                    log=lambda s: None)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # a finished run is only reloaded
+    again = _model(seed=7)
+    train(again, x, y, CFG, seed=0, run_dir=tmp_path / "cut", device=torch.device("cpu"), log=lambda s: None)
+    assert torch.equal(again.fc.weight, full.fc.weight)
+    # and load_epoch gives the saved intermediate weights
+    mid = load_epoch(_model(seed=9), tmp_path / "full", 2)
+    assert not torch.equal(mid.fc.weight, full.fc.weight)
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    x, y = _data()
+    train(_model(), x, y, TrainConfig(epochs=1, batch_size=16), seed=0, run_dir=tmp_path, device=torch.device("cpu"),
+          log=lambda s: None)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(_model(), x, y, TrainConfig(epochs=2, batch_size=16), seed=0, run_dir=tmp_path,
+              device=torch.device("cpu"), log=lambda s: None)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
+    x, y = _data()
+    model = _model()
+
+    def poison(epoch, m):
+        if epoch == 1:
+            with torch.no_grad():
+                m.fc.bias.fill_(float("nan"))
+        return {}
+
+    with pytest.raises(TrainingDiverged, match=r"epoch 2.*last good checkpoint.*epoch_001\.pt"):
+        train(model, x, y, CFG, seed=0, run_dir=tmp_path, device=torch.device("cpu"), on_epoch_end=poison,
+              log=lambda s: None)
+    assert (tmp_path / "epoch_001.pt").exists() and not (tmp_path / "epoch_002.pt").exists()
