@@ -181,12 +181,12 @@ def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str]
     return pd.DataFrame(history).assign(seed=seed)
 
 
-def evaluate_run(profile: Profile, data: StudyData, seed: int) -> pd.DataFrame:
+def evaluate_run(profile: Profile, data: StudyData, seed: int, cache: FeatureCache | None = None) -> pd.DataFrame:
     """Metric rows of every epoch of a trained seed, from the feature cache (weights reloaded per epoch)."""
     device = resolve_device(profile.device)
     torch.manual_seed(seed)
     model = build_model(profile, data)
-    cache = feature_cache(profile)
+    cache = cache or feature_cache(profile)
     sets = all_sets(data)
     rows = []
     for epoch in range(1, profile.train.epochs + 1):
