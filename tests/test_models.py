@@ -1,0 +1,197 @@
+"""The model zoo: shapes, the feature/head contract, parameter counts, digests and the pretrained checkpoints."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ood_lib import models
+from ood_lib.models import (ARCHITECTURES, PRETRAINED, densenet_bc, load_pretrained, resnet18, resnet_small,
+                            weights_digest, wrn)
+from ood_lib.paths import PROJECT_ROOT, models_root
+
+SHARED = PROJECT_ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+# (builder, input shape, feature_dim, feature-map side): tiny inputs, the real architectures where cheap enough.
+CASES = {
+    "resnet_small": (lambda: resnet_small(num_classes=7), (3, 1, 28, 28), 64, 7),
+    "resnet_small_tiny": (lambda: resnet_small(num_classes=3, width=4, blocks=(1, 1, 1)), (3, 1, 28, 28), 16, 7),
+    "resnet18": (lambda: resnet18(num_classes=10), (2, 3, 32, 32), 512, 4),
+    "wrn40_2": (lambda: wrn(num_classes=10), (2, 3, 32, 32), 128, 8),
+    "densenet_bc100": (lambda: densenet_bc(num_classes=10), (2, 3, 32, 32), 342, 8),
+    "densenet_bc100_nonaffine": (lambda: densenet_bc(num_classes=100, affine_bn=False), (2, 3, 32, 32), 342, 8),
+}
+
+
+def n_learnable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_path(name: str):
+    root = models_root()
+    return root / PRETRAINED[name].filename if root else None
+
+
+def needs_checkpoint(name: str):
+    path = model_path(name)
+    return pytest.mark.skipif(path is None or not path.is_file(),
+                              reason=f"checkpoint {PRETRAINED[name].filename} absent (set OOD_MODELS_ROOT)")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shapes_and_feature_contract(case):
+    torch.manual_seed(0)
+    build, shape, dim, side = CASES[case]
+    model = build().eval()
+    x = torch.rand(shape)
+    with torch.no_grad():
+        maps, feats, logits = model.feature_maps(x), model.features(x), model(x)
+    assert model.feature_dim == dim
+    assert maps.shape == (shape[0], dim, side, side)
+    assert feats.shape == (shape[0], dim)
+    assert logits.shape == (shape[0], model.fc.out_features)
+    assert isinstance(model.fc, nn.Linear) and model.fc.in_features == dim
+    assert torch.equal(feats, maps.mean((2, 3)))
+    assert torch.equal(logits, model.fc(feats))
+    assert (maps >= 0).all()  # after the final ReLU
+
+
+def test_registry_names_constructors():
+    assert set(ARCHITECTURES) == {"resnet_small", "resnet18", "wrn40_2", "densenet_bc100"}
+    assert ARCHITECTURES["wrn40_2"] is wrn and ARCHITECTURES["densenet_bc100"] is densenet_bc
+    for name, build in ARCHITECTURES.items():  # every constructor takes the keywords the profiles pass
+        build(num_classes=3, in_channels=1 if name == "resnet_small" else 3, mean=(0.5,), std=(0.25,))
+
+
+def test_parameter_counts():
+    # Published / checkpoint counts: UM's DenseNet-BC-100 (non-affine BN) 745,174; DICE's (affine) 769,162,
+    # i.e. 23,988 more = gamma and beta of the 11,994 BN channels; CIFAR ResNet-18 11.17M; WRN-40-2 2.24M.
+    assert n_learnable(densenet_bc(affine_bn=False)) == 745_174
+    assert n_learnable(densenet_bc(affine_bn=True)) == 769_162
+    assert n_learnable(resnet18(num_classes=10)) == 11_173_962
+    assert n_learnable(wrn(num_classes=10)) == 2_243_546
+    convs = [m for m in densenet_bc().modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 99  # 99 conv layers plus the fc: "DenseNet-101"
+
+
+def test_nonaffine_bn_everywhere():
+    bns = [m for m in densenet_bc(affine_bn=False).modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 16 * 2 * 3 + 2 + 1 and not any(bn.affine for bn in bns)
+    assert all(bn.affine for bn in densenet_bc().modules() if isinstance(bn, nn.BatchNorm2d))
+
+
+def test_densenet_module_names_match_checkpoint_layout():
+    keys = set(densenet_bc(affine_bn=False).state_dict())
+    expected = {"conv1.weight", "fc.weight", "fc.bias"}
+    for part in ["bn1"] + [f"trans{t}.bn1" for t in (1, 2)] + [
+            f"block{b}.layer.{i}.{bn}" for b in (1, 2, 3) for i in range(16) for bn in ("bn1", "bn2")]:
+        expected |= {f"{part}.running_mean", f"{part}.running_var", f"{part}.num_batches_tracked"}
+    expected |= {f"trans{t}.conv1.weight" for t in (1, 2)}
+    expected |= {f"block{b}.layer.{i}.{c}.weight" for b in (1, 2, 3) for i in range(16) for c in ("conv1", "conv2")}
+    assert keys == expected and len(keys) == 398
+
+
+def test_normalisation_inside_model_and_not_in_state_dict():
+    model = resnet_small(width=4, blocks=(1, 1, 1), mean=(0.5,), std=(0.25,)).eval()
+    assert not any("normalize" in k or k.endswith((".mean", ".std")) for k in model.state_dict())
+    assert {n for n, _ in model.named_buffers() if n.startswith("normalize")} == {"normalize.mean", "normalize.std"}
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(model.normalize(x), (x - 0.5) / 0.25)
+    other = resnet_small(width=4, blocks=(1, 1, 1), mean=(0.1,), std=(0.25,)).eval()
+    other.load_state_dict(model.state_dict(), strict=True)  # same weights, other normaliser: other outputs
+    with torch.no_grad():
+        assert not torch.allclose(model(x), other(x))
+
+
+def test_weights_digest_stable_and_sensitive():
+    torch.manual_seed(0)
+    a = resnet_small(width=4, blocks=(1, 1, 1))
+    torch.manual_seed(0)
+    b = resnet_small(width=4, blocks=(1, 1, 1))
+    d = weights_digest(a)
+    assert len(d) == 64 and d == weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b.fc.weight[0, 0] += 1e-6
+    assert weights_digest(b) != d
+    with torch.no_grad():
+        b.fc.weight[0, 0] = a.fc.weight[0, 0]
+    assert weights_digest(b) == d
+    b.layers[0][0].bn1.running_var[0] = 2.0  # buffers count too
+    assert weights_digest(b) != d
+
+
+@pytest.mark.parametrize("via", ["root", "env"])
+def test_missing_checkpoint_message(via, tmp_path, monkeypatch):
+    monkeypatch.setenv("OOD_MODELS_ROOT", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        load_pretrained("um_densenet_cifar10", root=tmp_path if via == "root" else None)
+    message = str(err.value)
+    assert str(tmp_path / "um_densenet_cifar10_jan2023.state") in message
+    assert "OOD_MODELS_ROOT" in message and "Unleashing-Mask" in message
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_corrupted_checkpoint_fails_hash_check_before_unpickling(name, tmp_path, monkeypatch):
+    spec = PRETRAINED[name]
+    source = model_path(name)
+    target = tmp_path / spec.filename
+    if source is not None and source.is_file():  # a copy of the real file with one byte changed
+        shutil.copyfile(source, target)
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        torch.save({"state_dict": {}}, target)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load called before the hash check")
+
+    monkeypatch.setattr(models.torch, "load", no_unpickling)
+    with pytest.raises(ValueError, match=f"expected {spec.sha256}, found [0-9a-f]{{64}}"):
+        load_pretrained(name, root=tmp_path)
+
+
+@pytest.mark.parametrize("name, affine", [
+    pytest.param("dice_densenet100_cifar10", True, marks=needs_checkpoint("dice_densenet100_cifar10")),
+    pytest.param("um_densenet_cifar10", False, marks=needs_checkpoint("um_densenet_cifar10")),
+])
+def test_pretrained_loads_strictly(name, affine):
+    model = load_pretrained(name)
+    assert not model.training and model.feature_dim == 342 and model.fc.out_features == 10
+    assert all(m.affine == affine for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(PRETRAINED[name].mean))
+    assert weights_digest(model) == weights_digest(load_pretrained(name))
+
+
+@pytest.fixture(scope="module")
+def cifar10_test_subset():
+    """The first 200 test images of each class of the CIFAR-10 JPEG copy in ../shared/data (2,000 images)."""
+    if not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file():
+        pytest.skip(f"CIFAR-10 JPEG archive absent from {SHARED_DATA}")
+    with pytest.MonkeyPatch.context() as mp:
+        if "OOD_DATA_ROOT" not in os.environ:
+            mp.setenv("OOD_DATA_ROOT", str(SHARED_DATA))
+        from ood_lib.data import load_dataset
+        test = load_dataset("cifar10", "test")
+    idx = np.concatenate([np.flatnonzero(test.y == c)[:200] for c in range(10)])
+    x = torch.from_numpy(test.x[idx]).permute(0, 3, 1, 2).float().div(255)
+    return x, torch.from_numpy(test.y[idx])
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("dice_densenet100_cifar10", marks=needs_checkpoint("dice_densenet100_cifar10")),
+    pytest.param("um_densenet_cifar10", marks=needs_checkpoint("um_densenet_cifar10")),
+])
+def test_pretrained_accuracy_on_cifar10_jpeg(name, cifar10_test_subset):
+    # About 94-95% on the original test set, about 82% on the JPEG (q75) copy; a wrong normalisation or layer
+    # order lands far lower.
+    x, y = cifar10_test_subset
+    assert len(y) == 2000 and torch.equal(torch.bincount(y), torch.full((10,), 200))
+    model = load_pretrained(name)
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    accuracy = (pred == y).float().mean().item()
+    assert 0.75 <= accuracy <= 0.90, f"{name}: top-1 {accuracy:.4f} on 2,000 CIFAR-10 JPEG test images"
