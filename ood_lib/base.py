@@ -132,11 +132,13 @@ def data_pre(profile: Profile) -> Preprocess:
 
 
 def metric_rows(profile: Profile, scored: dict, data: StudyData, seed: int, epoch: int | None, model_name: str,
-                notebook: str) -> list[dict]:
+                notebook: str, splits: tuple[str, ...] = ("test", "val")) -> list[dict]:
     """Tidy rows (STUDY §6) plus a ``split`` column: ``test`` rows go to metrics.csv, ``val`` rows select."""
     rows = []
     base = {"notebook": notebook, "seed": seed, "model": model_name, "epoch": epoch, "id_set": profile.data.id_set}
-    for split, id_set, ood in (("test", data.id_test, data.ood_test), ("val", data.id_val, data.ood_val)):
+    pairs = {"test": (data.id_test, data.ood_test), "val": (data.id_val, data.ood_val)}
+    for split in splits:
+        id_set, ood = pairs[split]
         id_scored = scored[(id_set.name, id_set.split)]
         acc = metrics.accuracy(id_scored["logits"], id_scored["labels"])
         rows.append({**base, "detector": "", "ood_set": "", "metric": "id_acc", "value": acc, "split": split})

@@ -114,10 +114,19 @@ def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device, 
     return {"logits": torch.cat(logits).numpy(), "features": torch.cat(feats).numpy()}
 
 
+def input_key(model: torch.nn.Module) -> list:
+    """The in-model input normalisation (non-persistent buffers, so not in the weights digest)."""
+    norm = getattr(model, "normalize", None)
+    if norm is None:
+        return []
+    return [norm.mean.flatten().tolist(), norm.std.flatten().tolist()]
+
+
 def outputs(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
             pre: Preprocess, device: torch.device, batch_size: int = 1000, amp: bool = False) -> dict[str, np.ndarray]:
     """Cached ``extract``: ``images`` are already preprocessed with ``pre``; ``checksum`` is the source data's."""
-    parts = {"what": "outputs", "weights": digest, "data": checksum, "pre": pre.key(), "amp": bool(amp)}
+    parts = {"what": "outputs", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
+             "amp": bool(amp)}
     return cache.get(parts, lambda: extract(model, images, device, batch_size, amp))
 
 
@@ -125,7 +134,7 @@ def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images
                 pre: Preprocess, device: torch.device, temperature: float, epsilon: float,
                 batch_size: int = 500) -> np.ndarray:
     """Cached ODIN scores (they need input gradients, so they cannot come from the logits cache)."""
-    parts = {"what": "odin", "weights": digest, "data": checksum, "pre": pre.key(),
+    parts = {"what": "odin", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
              "temperature": temperature, "epsilon": epsilon}
 
     def compute():

@@ -49,7 +49,7 @@ def training_curves(history: pd.DataFrame, rows: pd.DataFrame):
         index="epoch", columns="seed", values="value")
     _band(b, acc, "ID test", PALETTE[1])
     tacc = history.pivot_table(index="epoch", columns="seed", values="train_acc")
-    _band(b, tacc, "train (augmented)", PALETTE[2])
+    _band(b, tacc, "train (as trained)", PALETTE[2])
     b.set(xlabel="epoch", ylabel="accuracy (%)", title="ID accuracy")
     b.legend(loc="lower right")
     fig.tight_layout()
