@@ -71,7 +71,7 @@ def _eval_set(arrays: ImageArrays, split: str, pre: Preprocess) -> EvalSet:
 def prepare_data(profile: Profile) -> StudyData:
     """Load, subset, split and preprocess every set of the profile (deterministic in ``data.split_seed``)."""
     d = profile.data
-    pre = Preprocess(d.input_size, d.channels)
+    pre = data_pre(profile)
     rng = np.random.default_rng(d.split_seed)
     train_all = load_dataset(d.id_set, "train")
     order = rng.permutation(len(train_all.y))
