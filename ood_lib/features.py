@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ood_lib import detectors
+from ood_lib.atomic import atomic_write
 
 # ITU-R BT.601 luma weights, for colour images fed to a grayscale model.
 LUMA = (0.299, 0.587, 0.114)
@@ -78,15 +77,8 @@ class FeatureCache:
                 path.unlink(missing_ok=True)
         out = compute()
         self.misses += 1
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **out)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(path) as f:
+            np.savez(f, **out)
         return out
 
 

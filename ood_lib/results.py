@@ -10,10 +10,8 @@ Re-running a notebook replaces its own rows and entries, never another notebook'
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -22,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ood_lib.atomic import atomic_write
 from ood_lib.paths import PROJECT_ROOT, results_dir
 
 METRIC_COLUMNS = ["notebook", "seed", "model", "epoch", "detector", "id_set", "ood_set", "metric", "value"]
@@ -31,11 +30,8 @@ PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pandas", "matplotlib", "s
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _replace_rows(path: Path, notebook: str, new: pd.DataFrame, columns: list[str], keep=None) -> pd.DataFrame:

@@ -10,8 +10,6 @@ after an interruption gives exactly the weights of an uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ood_lib.atomic import atomic_write
 from ood_lib.config import TrainConfig
 
 
@@ -35,17 +34,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through ``atomic_write``: a crash never leaves half a checkpoint."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:

@@ -28,7 +28,7 @@ def test_cache_computes_once_and_keys_on_content(tmp_path):
     assert len(calls) == 2
     cache.path(parts).write_bytes(b"not an npz")  # a damaged entry is recomputed
     assert np.array_equal(cache.get(parts, compute)["a"], np.arange(5.0)) and len(calls) == 3
-    assert not list(tmp_path.glob("*.tmp*"))
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
 def test_outputs_match_a_direct_forward_pass(tmp_path):
@@ -88,3 +88,18 @@ def test_timings_and_provenance(tmp_path, monkeypatch):
     for key in ("git_commit", "packages", "device", "data_checksums", "profile", "seeds"):
         assert key in doc
     assert doc["packages"]["torch"] == torch.__version__.split("+")[0] or doc["packages"]["torch"].startswith("2.")
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    from ood_lib.atomic import atomic_write
+
+    target = tmp_path / "metrics.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as f:
+            f.write("half of the new cont")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"

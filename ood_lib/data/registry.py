@@ -8,8 +8,6 @@ later loads read the cache, and a cache whose content no longer matches is rebui
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from ood_lib import paths
+from ood_lib.atomic import atomic_write
 from ood_lib.data.arrays import DatasetCorrupt, DatasetMissing, ImageArrays, array_checksum
 from ood_lib.data.sources import (DOWNLOAD_ENV, AnimalMnistPickles, CifarPickles, IdxFiles, ImageFolder, Source,
                                   SvhnMat, TarImageFolder, TorchvisionDownload)
@@ -136,20 +135,10 @@ def read_cache(spec: DatasetSpec, split: str) -> ImageArrays | None:
 
 
 def write_cache(path: Path, arrays: ImageArrays, origin) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=arrays.x, y=arrays.y, checksum=np.array(arrays.checksum),
-                     source=np.array(str(origin)), format=np.array(CACHE_FORMAT))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (``ood_lib.atomic``): a crash never leaves half a cache file."""
+    with atomic_write(path) as f:
+        np.savez(f, x=arrays.x, y=arrays.y, checksum=np.array(arrays.checksum),
+                 source=np.array(str(origin)), format=np.array(CACHE_FORMAT))
 
 
 def _idx_spec(name: str, idx: IdxFiles, download: str, hint: str, class_counts) -> DatasetSpec:
