@@ -37,8 +37,8 @@ def test_prune_matches_a_per_sample_reference(variant, p):
     got = ash_prune(maps, variant, p)
     assert got.shape == maps.shape
     for i in range(5):
-        np.testing.assert_allclose(got[i].reshape(-1).numpy(), _reference_shape(maps[i].reshape(-1).numpy(), variant, p),
-                                   rtol=1e-12, atol=1e-12)
+        ref = _reference_shape(maps[i].reshape(-1).numpy(), variant, p)
+        np.testing.assert_allclose(got[i].reshape(-1).numpy(), ref, rtol=1e-12, atol=1e-12)
     flat, s1 = got.reshape(5, -1), maps.reshape(5, -1).sum(1)
     assert ((flat != 0).sum(1) <= kept_count(72, p)).all()
     if variant == "ash_b":  # the binarised sample keeps its total activation
