@@ -46,6 +46,7 @@ class EvalSet:
 class StudyData:
     train_images: torch.Tensor
     train_labels: torch.Tensor
+    train_checksum: str
     id_val: EvalSet
     id_test: EvalSet
     ood_val: dict[str, EvalSet]
@@ -87,8 +88,8 @@ def prepare_data(profile: Profile) -> StudyData:
         halves = np.array_split(rng.permutation(len(arrays.y)), 2)
         ood_val[name] = _eval_set(arrays.subset(np.sort(halves[0])), "val", pre)
         ood_test[name] = _eval_set(arrays.subset(np.sort(halves[1])), "test", pre)
-    return StudyData(pre(train_set.x), torch.from_numpy(train_set.y.astype(np.int64)), id_val, id_test,
-                     ood_val, ood_test, DATASETS[d.id_set].num_classes, pre)
+    return StudyData(pre(train_set.x), torch.from_numpy(train_set.y.astype(np.int64)), train_set.checksum, id_val,
+                     id_test, ood_val, ood_test, DATASETS[d.id_set].num_classes, pre)
 
 
 def build_model(profile: Profile, data: StudyData) -> torch.nn.Module:
@@ -147,6 +148,15 @@ def metric_rows(profile: Profile, scored: dict, data: StudyData, seed: int, epoc
                 for m, v in metrics.all_metrics(id_scores, scored[(name, s.split)]["scores"][det]).items():
                     rows.append({**base, "detector": det, "ood_set": name, "metric": m, "value": v, "split": split})
     return rows
+
+
+def train_outputs(profile: Profile, model: torch.nn.Module, digest: str, data: StudyData, cache: FeatureCache,
+                  device: torch.device) -> dict[str, np.ndarray]:
+    """Cached logits and features of the ID training images as trained on, without augmentation (the data
+    post-hoc detectors fit their statistics on)."""
+    out = outputs(cache, model, digest, data.train_images, data.train_checksum, data_pre(profile), device,
+                  profile.eval.batch_size, amp=profile.train.bf16)
+    return {**out, "labels": data.train_labels.numpy()}
 
 
 def all_sets(data: StudyData) -> list[EvalSet]:

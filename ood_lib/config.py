@@ -69,6 +69,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LineConfig:
+    """Notebook 04: LINe's setting (research/line.md §1.5; CIFAR-10: p_a 90, p_w 90, tau 1.0), the grids of its
+    sensitivity study, and the detectors compared with it. p_a and p_w are percentiles PRUNED."""
+    p_a: float = 90.0
+    p_w: float = 90.0
+    tau: float | None = None          # activation clip; None = the tau_percentile-th percentile of ID train activations
+    tau_percentile: float = 90.0      # the rule for models without a published tau (raw tau depends on the network)
+    sweep_p_a: tuple[float, ...] = (0.0, 10.0, 30.0, 50.0, 70.0, 80.0, 90.0, 95.0, 99.0)
+    sweep_p_w: tuple[float, ...] = (0.0, 10.0, 30.0, 50.0, 70.0, 80.0, 90.0, 95.0, 99.0)
+    sweep_tau_percentiles: tuple[float, ...] = (50.0, 70.0, 80.0, 90.0, 95.0, 99.0, 100.0)
+    baselines: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "rmds", "knn", "react", "dice", "vim",
+                                  "gradnorm", "gen")
+    ash: tuple[str, ...] = ("ash_p", "ash_b", "ash_s")
+    pretrained: tuple[str, ...] | None = None  # checkpoints notebook 04 evaluates; None = every one in `pretrained`
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str = ""
@@ -80,6 +97,7 @@ class Profile:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    line: LineConfig = field(default_factory=LineConfig)
     pretrained: tuple[str, ...] = ()       # checkpoints of ood_lib.models.PRETRAINED evaluated by this profile
 
     def to_dict(self) -> dict:
@@ -162,9 +180,11 @@ def _apply_overrides(raw: dict, overrides: dict) -> dict:
 
 
 def _validate_names(p: Profile) -> None:
+    from ood_lib.ash import ASH_VARIANTS
     from ood_lib.data import DATASETS
     from ood_lib.detectors import DETECTORS
     from ood_lib.models import ARCHITECTURES, PRETRAINED
+    from ood_lib.posthoc import POSTHOC
 
     def check(kind, name, allowed):
         if name not in allowed:
@@ -178,6 +198,15 @@ def _validate_names(p: Profile) -> None:
     check("detector", p.eval.selection_detector, DETECTORS)
     for m in p.pretrained:
         check("pretrained model", m, PRETRAINED)
+    for d in p.line.baselines:
+        check("post-hoc detector", d, POSTHOC)
+    for a in p.line.ash:
+        check("ASH variant", a, ASH_VARIANTS)
+    for m in p.line.pretrained or ():
+        check("pretrained model of this profile", m, p.pretrained)
+    for name, v in [("line.p_a", p.line.p_a), ("line.p_w", p.line.p_w), ("line.tau_percentile", p.line.tau_percentile)]:
+        if not 0 <= v < 100 and not (name == "line.tau_percentile" and v == 100):
+            raise ProfileError(f"profile {p.name!r}: {name} is a percentile in [0, 100), got {v}")
     check("device", p.device, DEVICES)
     for nb in p.notebooks:
         check("notebook", nb, NOTEBOOKS)

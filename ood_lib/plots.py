@@ -90,3 +90,31 @@ def detectors_mean_curves(rows: pd.DataFrame, metric: str = "fpr95"):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def sensitivity_curves(sens: pd.DataFrame, setting: dict[str, float]):
+    """LINe's mean FPR95 (left axis) as p_a, p_w or the tau percentile varies; the setting marked."""
+    params = list(dict.fromkeys(sens["parameter"]))
+    fig, axes = plt.subplots(1, len(params), figsize=(COLUMN_WIDTH * 0.75 * len(params), 2.2))
+    for ax, p in zip(axes, params):
+        d = sens[sens["parameter"] == p]
+        for i, (model, g) in enumerate(d.groupby("model", sort=False)):
+            curve = g.pivot_table(index="value", columns="seed", values="fpr95")
+            _band(ax, curve, model, PALETTE[i % len(PALETTE)])
+        if p in setting and setting[p] is not None:
+            ax.axvline(setting[p], color="0.3", ls="--", lw=0.9, label="setting")
+        ax.set(xlabel=p, title=f"LINe vs {p}")
+    axes[0].set_ylabel(METRIC_LABELS["fpr95"])
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def detector_bars(table: pd.DataFrame, metric: str = "fpr95"):
+    """Mean-over-OOD ``metric`` per detector (mean ± std over seeds), one bar group per model."""
+    fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 2.4))
+    sns.barplot(data=table, x="detector", y=metric, hue="model", errorbar="sd", ax=ax, palette=PALETTE)
+    ax.set(xlabel="", ylabel=METRIC_LABELS.get(metric, metric))
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return fig

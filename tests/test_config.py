@@ -36,6 +36,10 @@ def test_unknown_profile_lists_allowed():
     ({"model.arch": "resnet19"}, r"unknown architecture 'resnet19'; allowed: \[.*'resnet18'"),
     ({"device": "tpu"}, r"unknown device 'tpu'"),
     ({"train.epochs": 0}, r"train.epochs must be at least 1"),
+    ({"line.baselines": ["energy", "mahalanobys"]}, r"unknown post-hoc detector 'mahalanobys'; allowed: \[.*'mahalanobis'"),
+    ({"line.ash": ["ash_x"]}, r"unknown ASH variant 'ash_x'"),
+    ({"line.p_a": 120}, r"line.p_a is a percentile"),
+    ({"line.pa": 90}, r"unknown parameter\(s\) \['pa'\]; allowed: \[.*'p_a'"),
 ])
 def test_bad_parameters_fail_with_the_allowed_names(override, message):
     with pytest.raises(ProfileError, match=message):

@@ -15,16 +15,17 @@ def smoke_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("OOD_RESULTS_DIR", str(out / "results"))
     mp.setenv("OOD_FIGURES_DIR", str(out / "figures"))
-    done = reproduce.run("smoke", ["01"])
+    done = reproduce.run("smoke", ["01", "04"])
     yield out, done
     mp.undo()
 
 
 def test_notebook_01_writes_every_metric_row(smoke_run):
     out, done = smoke_run
-    assert [name for name, _ in done] == ["01_intermediate_stage.ipynb"]
+    assert [name for name, _ in done] == ["01_intermediate_stage.ipynb", "04_line.ipynb"]
     p = load_profile("smoke")
     m = pd.read_csv(out / "results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
+    m = m[m.notebook == "01"]
     ood = m[m.metric != "id_acc"]
     expected = len(p.seeds) * p.train.epochs * len(p.eval.detectors) * len(p.data.ood_sets) * len(METRICS)
     assert len(ood) == expected
@@ -47,12 +48,37 @@ def test_notebook_01_writes_figures_tables_timings_provenance(smoke_run):
     for _, g in sel.groupby(["seed", "detector"]):
         assert g.set_index("rule").loc["oracle", "fpr95"] <= g.fpr95.min() + 1e-12
     timings = pd.read_csv(out / "results/smoke/timings.csv", dtype={"notebook": str})
-    assert (timings.notebook == "01").all() and (timings.seconds >= 0).all()
+    assert set(timings.notebook) == {"01", "04"} and (timings.seconds >= 0).all()
     prov = json.loads((out / "results/smoke/provenance.json").read_text())["01"]
     assert prov["seeds"] == [0, 1] and prov["data_checksums"] and prov["profile"]["name"] == "smoke"
     executed = json.loads((out / "results/smoke/notebooks/01_intermediate_stage.ipynb").read_text())
     text = json.dumps(executed)
     assert "Verdict:" in text and "seed-mean curve is lowest at epoch" in text  # the computed verdict rendered
+
+
+def test_notebook_04_compares_line_with_every_detector(smoke_run):
+    from ood_lib.posthoc import POSTHOC
+
+    out, _ = smoke_run
+    p = load_profile("smoke")
+    m = pd.read_csv(out / "results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
+    m = m[m.notebook == "04"]
+    detectors = set(m[m.metric != "id_acc"].detector)
+    assert {"line", "energy", "react", "dice", "ash_p", "ash_p_map"} <= detectors
+    assert set(p.line.baselines) <= detectors and set(p.line.baselines) <= set(POSTHOC)
+    per = m[m.metric != "id_acc"].groupby(["seed", "detector", "ood_set"]).size()
+    assert (per == len(METRICS)).all() and len(per) == len(p.seeds) * len(detectors) * len(p.data.ood_sets)
+    assert (m[m.metric == "id_acc"].epoch.astype(int) == p.train.epochs).all()  # the final base model of 01
+    abl = pd.read_csv(out / "results/smoke/04_ablation.csv")
+    assert len(abl) == 8 * len(p.seeds)  # every on/off combination of clipping, activation and weight pruning
+    sens = pd.read_csv(out / "results/smoke/04_sensitivity.csv")
+    assert set(sens.parameter) == {"p_a", "p_w", "tau percentile"}
+    # LINe with only clipping at the ReAct threshold IS ReAct: the ablation row must equal the react row
+    react = m[(m.detector == "react") & (m.metric == "fpr95")].groupby("seed").value.mean().mean()
+    clip_only = abl[(abl["clip (AC)"]) & (~abl["activation pruning (AP)"]) & (~abl["weight pruning (WP)"])]
+    assert clip_only.fpr95.mean() == pytest.approx(react, abs=1e-9)
+    for stem in ("04_detectors_fpr95", "04_line_sensitivity"):
+        assert (out / f"figures/smoke/{stem}.png").exists()
 
 
 def test_rerun_reuses_checkpoints_and_cache(smoke_run):
