@@ -180,12 +180,13 @@ def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str]
     def on_epoch_end(epoch: int, m: torch.nn.Module) -> dict:
         t0 = time.perf_counter()
         digest = weights_digest(m)
-        scored = score_sets(profile, m, digest, sets, cache, device)
-        rows = metric_rows(profile, scored, data, seed, epoch, "base", NOTEBOOK)
+        scored = score_sets(profile, m, digest, sets, cache, device)  # fills the cache; evaluate_run reads it
         sel = profile.eval.selection_detector
-        fpr = [r["value"] for r in rows if r["split"] == "test" and r["metric"] == "fpr95" and r["detector"] == sel]
-        acc = next(r["value"] for r in rows if r["split"] == "test" and r["metric"] == "id_acc")
-        return {"digest": digest, "eval_seconds": time.perf_counter() - t0, "log_test_acc": acc,
+        id_test = scored[(data.id_test.name, "test")]
+        fpr = [metrics.fpr95(id_test["scores"][sel], scored[(name, "test")]["scores"][sel])
+               for name in data.ood_test if sel in id_test["scores"]]
+        return {"digest": digest, "eval_seconds": time.perf_counter() - t0,
+                "log_test_acc": metrics.accuracy(id_test["logits"], id_test["labels"]),
                 f"log_{sel}_fpr95": float(np.mean(fpr)) if fpr else float("nan")}
 
     history = train(model, data.train_images, data.train_labels, profile.train, seed, run_dir(profile, seed),

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ood_lib import metrics
-from ood_lib.ash import ASH_PERCENTILE, SITE_MAP, SITE_POOLED, ash_score_table
+from ood_lib.ash import ASH_PERCENTILE, SITE_MAP, ash_from_features, ash_score_table
 from ood_lib.base import StudyData, data_pre, train_outputs
 from ood_lib.config import Profile
 from ood_lib.features import FeatureCache, outputs
@@ -22,9 +22,8 @@ from ood_lib.line import fit_line, line, tau_from_percentile
 from ood_lib.models import weights_digest
 from ood_lib.posthoc import POSTHOC, Head, TrainSet
 
-# ASH where the authors' code shapes (the pooled vector: ash_p, ash_b, ash_s) and on the last feature map
-# (ash_p_map, ...), which is where the paper's text places it; both are reported (see ood_lib.ash).
-ASH_SITES = ((SITE_POOLED, ""), (SITE_MAP, "_map"))
+# ASH is reported at two sites (see ood_lib.ash): where the authors' code shapes, the pooled vector (ash_p, ash_b,
+# ash_s: computed from the cached features, no forward pass), and on the last feature map (ash_p_map, ...).
 
 
 @dataclass(frozen=True)
@@ -47,20 +46,24 @@ def evaluate_model(profile: Profile, data: StudyData, model: torch.nn.Module, na
     tr = train_outputs(profile, model, digest, data, cache, device)
     train = TrainSet(features=tr["features"], logits=tr["logits"], labels=tr["labels"])
     pre = data_pre(profile)
+    head = Head.of(model)
     sets, ash = {}, {}
     test_sets = {"id": data.id_test, **data.ood_test}
     for key, s in test_sets.items():
         o = outputs(cache, model, digest, s.images, s.checksum, pre, device, profile.eval.batch_size,
                     amp=profile.train.bf16)
         sets[key] = (o["features"], o["logits"])
-        for site, suffix in ASH_SITES:
+        for variant in profile.line.ash:  # pooled site: a function of the cached features and the head
+            ash.setdefault(variant, {})[key] = ash_from_features(o["features"], head.weight, head.bias, variant,
+                                                                 ASH_PERCENTILE)
+        if profile.line.ash:  # map site: needs the feature maps, so one (cached) forward pass for all variants
             table = ash_score_table(cache, model, digest, s.images, s.checksum, pre, device,
-                                    [(v, ASH_PERCENTILE) for v in profile.line.ash], site=site,
+                                    [(v, ASH_PERCENTILE) for v in profile.line.ash], site=SITE_MAP,
                                     batch_size=profile.eval.batch_size)
             for (variant, _), scores in table.items():
-                ash.setdefault(variant + suffix, {})[key] = scores
+                ash.setdefault(variant + "_map", {})[key] = scores
     tau = profile.line.tau if profile.line.tau is not None else tau_from_percentile(train, profile.line.tau_percentile)
-    return Evaluated(name, seed, epoch, Head.of(model), train, sets, ash, float(tau))
+    return Evaluated(name, seed, epoch, head, train, sets, ash, float(tau))
 
 
 def scores_of(ev: Evaluated, profile: Profile) -> dict[str, dict[str, np.ndarray]]:
