@@ -113,15 +113,16 @@ def feature_cache(profile: Profile) -> FeatureCache:
 
 
 def score_sets(profile: Profile, model: torch.nn.Module, digest: str, sets: list[EvalSet], cache: FeatureCache,
-               device: torch.device) -> dict[tuple[str, str], dict]:
-    """Scores of every profile detector (and logits) on each set, all through the cache."""
+               device: torch.device, detectors: tuple[str, ...] | None = None) -> dict[tuple[str, str], dict]:
+    """Scores of each detector (default: the profile's) and logits on each set, all through the cache."""
     e = profile.eval
+    detectors = e.detectors if detectors is None else detectors
     out = {}
     for s in sets:
         o = outputs(cache, model, digest, s.images, s.checksum, data_pre(profile), device, e.batch_size,
                     amp=profile.train.bf16)
-        scores = {name: LOGIT_DETECTORS[name](o["logits"]) for name in e.detectors if name in LOGIT_DETECTORS}
-        if "odin" in e.detectors:
+        scores = {name: LOGIT_DETECTORS[name](o["logits"]) for name in detectors if name in LOGIT_DETECTORS}
+        if "odin" in detectors:
             scores["odin"] = odin_scores(cache, model, digest, s.images, s.checksum, data_pre(profile), device,
                                          e.odin_temperature, e.odin_epsilon, batch_size=min(e.batch_size, 500))
         out[(s.name, s.split)] = {"logits": o["logits"], "labels": s.labels, "scores": scores}
@@ -161,6 +162,44 @@ def train_outputs(profile: Profile, model: torch.nn.Module, digest: str, data: S
 
 def all_sets(data: StudyData) -> list[EvalSet]:
     return [data.id_test, data.id_val, *data.ood_test.values(), *data.ood_val.values()]
+
+
+def test_sets(data: StudyData) -> list[EvalSet]:
+    return [data.id_test, *data.ood_test.values()]
+
+
+def logit_detectors(profile: Profile) -> tuple[str, ...]:
+    """The profile's detectors that are functions of the logits alone (cheap enough to run after every epoch)."""
+    return tuple(d for d in profile.eval.detectors if d in LOGIT_DETECTORS)
+
+
+def epoch_scorer(profile: Profile, data: StudyData, cache: FeatureCache, device: torch.device,
+                 detectors: tuple[str, ...]) -> Callable[[int, torch.nn.Module], dict]:
+    """An ``on_epoch_end`` for ``train``: scores the test sets with ``detectors`` into the cache and returns the
+    two numbers the training log prints (ID test accuracy, mean test FPR95 of the selection detector)."""
+    def on_epoch_end(epoch: int, m: torch.nn.Module) -> dict:
+        t0 = time.perf_counter()
+        scored = score_sets(profile, m, weights_digest(m), test_sets(data), cache, device, detectors)
+        sel = profile.eval.selection_detector
+        id_test = scored[(data.id_test.name, "test")]
+        fpr = [metrics.fpr95(id_test["scores"][sel], scored[(name, "test")]["scores"][sel])
+               for name in data.ood_test if sel in id_test["scores"]]
+        return {"eval_seconds": time.perf_counter() - t0,
+                "log_test_acc": metrics.accuracy(id_test["logits"], id_test["labels"]),
+                f"log_{sel}_fpr95": float(np.mean(fpr)) if fpr else float("nan")}
+    return on_epoch_end
+
+
+def evaluate_epochs(profile: Profile, data: StudyData, model: torch.nn.Module, directory: Path,
+                    epochs: list[int], model_name: str, notebook: str, seed: int, cache: FeatureCache,
+                    device: torch.device, detectors: tuple[str, ...]) -> pd.DataFrame:
+    """Test-split metric rows of the checkpoints ``epochs`` of a run in ``directory``, loaded into ``model``."""
+    rows = []
+    for epoch in epochs:
+        load_epoch(model, directory, epoch)
+        scored = score_sets(profile, model, weights_digest(model), test_sets(data), cache, device, detectors)
+        rows += metric_rows(profile, scored, data, seed, epoch, model_name, notebook, splits=("test",))
+    return pd.DataFrame(rows)
 
 
 def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str], None] = print) -> pd.DataFrame:

@@ -86,6 +86,23 @@ class LineConfig:
 
 
 @dataclass(frozen=True)
+class UMConfig:
+    """Notebooks 02-03: Unleashing Mask (research/unleashing_mask.md §2-3). Every mask fraction here is the fraction
+    of each conv/linear layer's weights KEPT (the paper's ``prune_rate``): 0.965 masks 3.5%, 0.8 prunes 20%."""
+    mask_keep: float = 0.965          # random mask of gamma and of the atypicality scores (paper: 0.965)
+    mask_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # gamma and atypicality are averaged over these random masks
+    curve_keep: tuple[float, ...] = (1.0, 0.995, 0.99, 0.98, 0.965, 0.95, 0.9, 0.85, 0.8, 0.7)  # loss vs mask ratio
+    atypical_remove: int = 1000       # k: the top-k atypical (or k random) training images left out (paper: 1000)
+    gallery_size: int = 5             # images per class shown as most / least atypical
+    gamma: float | None = None        # flood level; None = the mean over mask_seeds of the masked final model's loss
+    epochs: int = 100                 # UM / UMAP schedule: from the final base model, SGD + cosine (paper: 100, 0.1)
+    lr: float = 0.1
+    umap_keep: float = 0.8            # UMAP keeps the top 80% |score| of every layer (prunes 20%)
+    umap_train_weights: bool = False  # False: only the scores learn (the paper's CIFAR-10 setting)
+    ce_control: bool = True           # also fine-tune with plain cross-entropy on the same schedule (no flooding)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str = ""
@@ -98,6 +115,7 @@ class Profile:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     line: LineConfig = field(default_factory=LineConfig)
+    um: UMConfig = field(default_factory=UMConfig)
     pretrained: tuple[str, ...] = ()       # checkpoints of ood_lib.models.PRETRAINED evaluated by this profile
 
     def to_dict(self) -> dict:
@@ -207,6 +225,25 @@ def _validate_names(p: Profile) -> None:
     for name, v in [("line.p_a", p.line.p_a), ("line.p_w", p.line.p_w), ("line.tau_percentile", p.line.tau_percentile)]:
         if not 0 <= v < 100 and not (name == "line.tau_percentile" and v == 100):
             raise ProfileError(f"profile {p.name!r}: {name} is a percentile in [0, 100), got {v}")
+    u = p.um
+    for name, v in [("um.mask_keep", u.mask_keep), ("um.umap_keep", u.umap_keep),
+                    *((f"um.curve_keep[{i}]", k) for i, k in enumerate(u.curve_keep))]:
+        if not 0 < v <= 1:
+            raise ProfileError(f"profile {p.name!r}: {name} is the fraction of weights KEPT, in (0, 1], got {v}")
+    if len(set(u.mask_seeds)) < 5:
+        raise ProfileError(f"profile {p.name!r}: um.mask_seeds needs at least 5 distinct seeds (gamma varies a lot "
+                           f"from mask to mask), got {list(u.mask_seeds)}")
+    if u.gamma is not None and u.gamma <= 0:
+        raise ProfileError(f"profile {p.name!r}: um.gamma must be positive or null (estimate it), got {u.gamma}")
+    train_size = p.data.train_size
+    if u.atypical_remove < 1 or (train_size is not None and u.atypical_remove >= train_size):
+        raise ProfileError(f"profile {p.name!r}: um.atypical_remove must be in [1, data.train_size), "
+                           f"got {u.atypical_remove}")
+    for name, v in [("um.epochs", u.epochs), ("um.gallery_size", u.gallery_size)]:
+        if v < 1:
+            raise ProfileError(f"profile {p.name!r}: {name} must be at least 1, got {v}")
+    if u.lr <= 0:
+        raise ProfileError(f"profile {p.name!r}: um.lr must be positive, got {u.lr}")
     check("device", p.device, DEVICES)
     for nb in p.notebooks:
         check("notebook", nb, NOTEBOOKS)

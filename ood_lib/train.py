@@ -69,11 +69,16 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, seed: int,
           run_dir: Path, device: torch.device,
           on_epoch_end: Callable[[int, torch.nn.Module], dict] | None = None,
-          log: Callable[[str], None] = print) -> list[dict]:
+          log: Callable[[str], None] = print,
+          objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          parameters: list[torch.nn.Parameter] | None = None) -> list[dict]:
     """Train ``model`` on uint8 ``images`` (N, C, H, W) and int64 ``labels``; return the per-epoch history.
 
     Resumes from ``run_dir/state.pt`` when it exists. ``on_epoch_end(epoch, model)`` may return extra values
     for the history (it runs after the epoch's checkpoint is written). Epochs are numbered from 1.
+    ``objective`` maps the mini-batch mean cross-entropy to the loss that is minimised (default: itself; UM's
+    flooding in ``ood_lib.um``); the history's ``train_loss`` is always the cross-entropy. ``parameters`` are
+    what the optimiser updates (default: every parameter of the model).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     images, labels = images.to(device), labels.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    opt = torch.optim.SGD(model.parameters() if parameters is None else parameters, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     history: list[dict] = []
     start = 1
@@ -121,7 +126,8 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and cfg.bf16):
                 out = model(x)
-                loss = F.cross_entropy(out.float(), y)
+                ce = F.cross_entropy(out.float(), y)
+            loss = ce if objective is None else objective(ce)
             if (step % 20 == 0 or not cuda) and not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"training loss is {loss.item()} at epoch {epoch}, step {step} (lr {lr:.4g}, seed {seed}). "
@@ -130,7 +136,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach() * y.numel()
+            loss_sum += ce.detach() * y.numel()
             correct += (out.argmax(1) == y).sum()
             seen += y.numel()
         mean_loss = (loss_sum / seen).item()

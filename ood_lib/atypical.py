@@ -1,0 +1,126 @@
+"""Atypical training samples (research/unleashing_mask.md §2): two views of them, and the experiment of the claim.
+
+* Mask sensitivity of the FINAL model: for every training image, averaged over random masks (``um.mask_keep``,
+  ``um.mask_seeds``; the masks of gamma): the increase of its cross-entropy, KL(masked ‖ full) between the masked
+  and the full model's predictions, and the fraction of masks that change the predicted class. The atypicality
+  score is the KL, the statistic of the official code's first (later removed) trainer; images are scored without
+  augmentation, in eval mode.
+* Learning dynamics, from the per-epoch checkpoints of notebook 01: the epoch from which an image stays correctly
+  classified to the end (``epochs + 1``: not learned), and its forgetting events (correct at one epoch, wrong at
+  the next; Toneva et al., ICLR 2019).
+* The experiment: train the base recipe on the training set without its top-k atypical images, and without k
+  random images, with the logit detectors scored on the test sets after every epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ood_lib import base, masking
+from ood_lib.config import Profile
+from ood_lib.models import weights_digest
+from ood_lib.paths import cache_dir
+from ood_lib.train import load_epoch, train
+
+ARMS = {"no_atypical": "without the top-k atypical", "no_random": "without k random"}  # model names in metrics.csv
+
+
+@torch.no_grad()
+def _log_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    model.eval().to(device)
+    out = [F.log_softmax(model(images[i:i + batch_size].to(device).float().div_(255)).double(), 1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def mask_sensitivity(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, keep: float,
+                     seeds: tuple[int, ...], device: torch.device, batch_size: int = 1000) -> pd.DataFrame:
+    """Per image: full-model CE and, averaged over the random masks ``seeds``, the CE increase, KL(masked ‖ full)
+    and the rate at which the mask changes the predicted class (and makes it wrong)."""
+    full = _log_probs(model, images, device, batch_size)
+    y = labels.long()
+    rows = torch.arange(len(y))
+    ce_full = -full[rows, y]
+    ce_up, kl, flip, wrong = (torch.zeros(len(y), dtype=torch.float64) for _ in range(4))
+    for s in seeds:
+        lm = _log_probs(masking.apply_masks(model, masking.random_masks(model, keep, s)), images, device, batch_size)
+        ce_up += -lm[rows, y] - ce_full
+        kl += (lm.exp() * (lm - full)).sum(1)
+        flip += (lm.argmax(1) != full.argmax(1)).double()
+        wrong += (lm.argmax(1) != y).double()
+    n = len(seeds)
+    return pd.DataFrame({"ce_full": ce_full.numpy(), "ce_increase": (ce_up / n).numpy(), "kl": (kl / n).numpy(),
+                         "flip_rate": (flip / n).numpy(), "masked_wrong_rate": (wrong / n).numpy(),
+                         "full_pred": full.argmax(1).numpy(), "label": y.numpy()})
+
+
+def learning_dynamics(correct: np.ndarray) -> pd.DataFrame:
+    """``correct``: bool (epochs, images), whether each epoch's model classifies each image correctly.
+
+    learned_epoch: the first epoch e (1-based) with every epoch >= e correct; epochs + 1 if wrong at the end.
+    forgetting_events: how often correct at epoch e and wrong at e + 1."""
+    correct = np.asarray(correct, bool)
+    E = correct.shape[0]
+    wrong_from_end = np.flip(~correct, 0)
+    last_wrong = np.where(wrong_from_end.any(0), E - 1 - wrong_from_end.argmax(0), -1)  # 0-based, -1 = never
+    learned = last_wrong + 2  # the epoch after the last wrong one, 1-based
+    forgetting = (correct[:-1] & ~correct[1:]).sum(0)
+    return pd.DataFrame({"learned_epoch": learned, "forgetting_events": forgetting})
+
+
+def epoch_correctness(profile: Profile, data: base.StudyData, seed: int, device: torch.device) -> np.ndarray:
+    """bool (epochs, train images) from the checkpoints of notebook 01 (outputs through the feature cache)."""
+    model = base.build_model(profile, data)
+    cache = base.feature_cache(profile)
+    out = []
+    for epoch in range(1, profile.train.epochs + 1):
+        load_epoch(model, base.run_dir(profile, seed), epoch)
+        logits = base.train_outputs(profile, model, weights_digest(model), data, cache, device)["logits"]
+        out.append(logits.argmax(1) == data.train_labels.numpy())
+    return np.stack(out)
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, sorted (ties broken by index)."""
+    order = np.lexsort((np.arange(len(score)), -np.asarray(score)))
+    return np.sort(order[:k])
+
+
+def random_k(n: int, k: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def run_dir(profile: Profile, arm: str, removed: np.ndarray, seed: int) -> Path:
+    """``<cache>/without/<hash of data, model, train>/<arm>-<hash of the removed indices>/seed<k>``."""
+    key = hashlib.sha256(np.asarray(removed, np.int64).tobytes()).hexdigest()[:12]
+    return cache_dir(profile.name) / "without" / profile.digest("data", "model", "train") / f"{arm}-{key}" / f"seed{seed}"
+
+
+def train_without(profile: Profile, data: base.StudyData, seed: int, arm: str, removed: np.ndarray,
+                  device: torch.device, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """The base recipe of ``seed`` on the training set minus ``removed``; logit detectors scored every epoch."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; allowed: {sorted(ARMS)}")
+    keep = np.setdiff1d(np.arange(len(data.train_labels)), removed)
+    torch.manual_seed(seed)
+    model = base.build_model(profile, data)  # the same normalisation constants as the base model
+    scorer = base.epoch_scorer(profile, data, base.feature_cache(profile), device, base.logit_detectors(profile))
+    history = train(model, data.train_images[keep], data.train_labels[keep], profile.train, seed,
+                    run_dir(profile, arm, removed, seed), device, on_epoch_end=scorer,
+                    log=lambda s: log(f"{arm} {s}"))
+    return pd.DataFrame(history).assign(seed=seed, model=arm)
+
+
+def evaluate_without(profile: Profile, data: base.StudyData, seed: int, arm: str, removed: np.ndarray,
+                     device: torch.device) -> pd.DataFrame:
+    """Test rows of every epoch of a ``train_without`` run (logit detectors, from the cache)."""
+    model = base.build_model(profile, data)
+    return base.evaluate_epochs(profile, data, model, run_dir(profile, arm, removed, seed),
+                                list(range(1, profile.train.epochs + 1)), arm, "02", seed,
+                                base.feature_cache(profile), device, base.logit_detectors(profile))

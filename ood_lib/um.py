@@ -1,0 +1,196 @@
+"""Unleashing Mask (Zhu et al., ICML 2023; research/unleashing_mask.md §3): the loss constraint gamma, UM and UMAP.
+
+* gamma: the mean training cross-entropy of the FINAL model with a random ``um.mask_keep`` mask (0.965: 3.5% of
+  every conv/linear layer zeroed), in eval mode, over the training images with their training augmentation. It
+  varies from mask to mask, so it is estimated over ``um.mask_seeds`` and the value used is a visible choice:
+  ``um.gamma`` when set, else the mean of the estimates (of that seed's final model).
+* UM: fine-tune the final model on the flooding objective |L - gamma| + gamma (Ishida et al., 2020), L the
+  mini-batch MEAN cross-entropy: descent while L > gamma, ascent while L < gamma (pitfall 6: not per sample).
+* UMAP: the same objective, but the final model's weights stay frozen (by default) and a per-layer top-k mask over
+  learnable scores (``masking.add_score_masks``, keep ``um.umap_keep``) is trained; exported folded.
+* ``ft_ce``: the same schedule with plain cross-entropy, a control that separates the flooding from the effect of
+  simply training on (the official README's commands, taken literally, run this: pitfall 1).
+
+The schedule is SGD with the base recipe's momentum, weight decay, batch and augmentation, cosine from ``um.lr``
+over ``um.epochs`` epochs (the paper: 100 epochs at 0.1). Runs live in
+``<cache>/um/<hash of data, model, train, um>/<name>/seed<k>/`` and resume like any training run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ood_lib import base, masking
+from ood_lib.atomic import atomic_write
+from ood_lib.config import Profile, TrainConfig
+from ood_lib.models import weights_digest
+from ood_lib.paths import cache_dir
+from ood_lib.train import augment, load_epoch, train
+
+
+def flood(loss: torch.Tensor, gamma: float) -> torch.Tensor:
+    """|L - gamma| + gamma: the gradient is dL above gamma and -dL below it."""
+    return (loss - gamma).abs() + gamma
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              batch_size: int, aug: TrainConfig | None = None, seed: int = 0) -> float:
+    """Mean cross-entropy over uint8 ``images`` in eval mode; with ``aug``, its crop/flip (seeded by ``seed``)."""
+    model.eval().to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = 0.0
+    for first in range(0, len(labels), batch_size):
+        x = images[first:first + batch_size].to(device).float().div_(255)
+        if aug is not None:
+            x = augment(x, gen, aug.crop_padding, aug.flip)
+        total += F.cross_entropy(model(x), labels[first:first + batch_size].to(device), reduction="sum").item()
+    return total / len(labels)
+
+
+def masked_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, keep: float, seed: int,
+                device: torch.device, batch_size: int, aug: TrainConfig | None) -> float:
+    """Mean training loss of ``model`` under the random mask ``seed`` keeping ``keep`` of every layer."""
+    masked = masking.apply_masks(model, masking.random_masks(model, keep, seed))
+    return mean_loss(masked, images, labels, device, batch_size, aug, seed)
+
+
+@dataclass(frozen=True)
+class Gamma:
+    """The estimates of gamma over mask seeds, and the value used."""
+    keep: float
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+    given: float | None = None   # um.gamma, when the profile fixes it
+
+    @property
+    def used(self) -> float:
+        return self.given if self.given is not None else float(np.mean(self.values))
+
+    def summary(self) -> dict:
+        v = np.asarray(self.values)
+        return {"mask_keep": self.keep, "masks": len(v), "mean": v.mean(), "median": float(np.median(v)),
+                "std": v.std(ddof=1), "min": v.min(), "max": v.max(), "used": self.used,
+                "rule": "um.gamma (given)" if self.given is not None else "mean over masks"}
+
+
+def estimate_gamma(profile: Profile, data: base.StudyData, model: torch.nn.Module,
+                   device: torch.device) -> Gamma:
+    """gamma of one final model: ``masked_loss`` over the training images with the training augmentation, for
+    every seed of ``um.mask_seeds`` (research notes §3.1)."""
+    u = profile.um
+    values = tuple(masked_loss(model, data.train_images, data.train_labels, u.mask_keep, s, device,
+                               profile.eval.batch_size, profile.train) for s in u.mask_seeds)
+    return Gamma(u.mask_keep, tuple(u.mask_seeds), values, u.gamma)
+
+
+def loss_curve(profile: Profile, data: base.StudyData, model: torch.nn.Module, device: torch.device,
+               images: int | None = None) -> pd.DataFrame:
+    """The masked model's mean training loss at every ``um.curve_keep`` and mask seed (the paper's loss vs mask
+    ratio figure); ``images`` limits it to the first n training images."""
+    x, y = data.train_images[:images], data.train_labels[:images]
+    rows = [{"keep": keep, "masked": 1 - keep, "mask_seed": s,
+             "loss": masked_loss(model, x, y, keep, s, device, profile.eval.batch_size, profile.train)}
+            for keep in profile.um.curve_keep for s in profile.um.mask_seeds]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning runs: UM, UMAP and the plain cross-entropy control.
+
+@dataclass(frozen=True)
+class FineTune:
+    """One way to continue from the final base model; ``name`` is its ``model`` in metrics.csv."""
+    name: str
+    flooded: bool   # the loss is flood(CE, gamma) instead of CE
+    masked: bool    # UMAP: learnable top-k masks over (frozen) weights, folded on export
+
+    def start(self, profile: Profile, data: base.StudyData, seed: int) -> tuple[torch.nn.Module, list | None]:
+        """The final base model of ``seed``, set up for this fine-tuning; and the parameters to optimise."""
+        model = base.load_base(profile, data, seed).train()
+        if not self.masked:
+            return model, None
+        return model, masking.add_score_masks(model, profile.um.umap_keep, seed, profile.um.umap_train_weights)
+
+    def export(self, model: torch.nn.Module) -> torch.nn.Module:
+        return masking.fold(model) if self.masked else model
+
+
+UM = FineTune("um", flooded=True, masked=False)
+UMAP = FineTune("umap", flooded=True, masked=True)
+FT_CE = FineTune("ft_ce", flooded=False, masked=False)
+
+
+def fine_tunes(profile: Profile) -> list[FineTune]:
+    return [UM, UMAP] + ([FT_CE] if profile.um.ce_control else [])
+
+
+def schedule(profile: Profile) -> TrainConfig:
+    return dataclasses.replace(profile.train, epochs=profile.um.epochs, lr=profile.um.lr)
+
+
+def run_dir(profile: Profile, seed: int, ft: FineTune) -> Path:
+    return cache_dir(profile.name) / "um" / profile.digest("data", "model", "train", "um") / ft.name / f"seed{seed}"
+
+
+def _check_gamma(directory: Path, gamma: float | None) -> None:
+    """A run keeps the gamma it started with; a different one (e.g. edited by hand) is an error, not a mix."""
+    path = directory / "gamma.json"
+    if path.exists():
+        old = json.loads(path.read_text())["gamma"]
+        if (old is None) != (gamma is None) or (gamma is not None and abs(old - gamma) > 1e-9):
+            raise ValueError(f"{directory} was trained with gamma {old}, now asked for {gamma}; remove it to rerun")
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as f:
+        json.dump({"gamma": gamma}, f)
+
+
+def fine_tune(profile: Profile, data: base.StudyData, seed: int, ft: FineTune, gamma: float,
+              device: torch.device, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Train (or resume, or reload) ``ft`` from the final base model of ``seed``; the test sets are scored with
+    the logit detectors after every epoch (into the cache). Returns the per-epoch history."""
+    model, params = ft.start(profile, data, seed)
+    directory = run_dir(profile, seed, ft)
+    _check_gamma(directory, gamma if ft.flooded else None)
+    objective = (lambda ce: flood(ce, gamma)) if ft.flooded else None
+    cache = base.feature_cache(profile)
+    scorer = base.epoch_scorer(profile, data, cache, device, base.logit_detectors(profile))
+    history = train(model, data.train_images, data.train_labels, schedule(profile), seed, directory, device,
+                    on_epoch_end=scorer, log=lambda s: log(f"{ft.name} {s}"), objective=objective,
+                    parameters=params)
+    return pd.DataFrame(history).assign(seed=seed, model=ft.name, gamma=gamma if ft.flooded else np.nan)
+
+
+def load(profile: Profile, data: base.StudyData, seed: int, ft: FineTune, epoch: int | None = None) -> torch.nn.Module:
+    """The fine-tuned model of ``seed`` after ``epoch`` (default: the last), exported as a plain model, eval mode."""
+    model, _ = ft.start(profile, data, seed)
+    load_epoch(model, run_dir(profile, seed, ft), epoch or profile.um.epochs)
+    return ft.export(model).eval()
+
+
+def finished(profile: Profile, seed: int, ft: FineTune) -> bool:
+    return (run_dir(profile, seed, ft) / f"epoch_{profile.um.epochs:03d}.pt").exists()
+
+
+def evaluate(profile: Profile, data: base.StudyData, seed: int, ft: FineTune, device: torch.device,
+             notebook: str = "03") -> pd.DataFrame:
+    """Test rows of ``ft``: every epoch but the last with the logit detectors (from the cache), the last epoch's
+    exported model with every profile detector (ODIN included)."""
+    cache = base.feature_cache(profile)
+    model, _ = ft.start(profile, data, seed)
+    E = profile.um.epochs
+    rows = base.evaluate_epochs(profile, data, model, run_dir(profile, seed, ft), list(range(1, E)), ft.name,
+                                notebook, seed, cache, device, base.logit_detectors(profile))
+    final = load(profile, data, seed, ft)
+    scored = base.score_sets(profile, final, weights_digest(final), base.test_sets(data), cache, device)
+    last = pd.DataFrame(base.metric_rows(profile, scored, data, seed, E, ft.name, notebook, splits=("test",)))
+    return pd.concat([rows, last], ignore_index=True)
