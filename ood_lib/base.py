@@ -252,4 +252,9 @@ def load_base(profile: Profile, data: StudyData, seed: int, epoch: int | None = 
     """The base model of ``seed`` at ``epoch`` (default: the final epoch), in eval mode; trains nothing."""
     torch.manual_seed(seed)
     model = build_model(profile, data)
-    return load_epoch(model, run_dir(profile, seed), epoch or profile.train.epochs).eval()
+    try:
+        return load_epoch(model, run_dir(profile, seed), epoch or profile.train.epochs).eval()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}. The base model of profile {profile.name!r}, seed {seed}, has not been trained: "
+                                f"run notebook 01 first (python -m ood_lib.reproduce --profile {profile.name} "
+                                f"--notebooks 01)") from None

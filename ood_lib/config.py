@@ -92,6 +92,7 @@ class UMConfig:
     mask_keep: float = 0.965          # random mask of gamma and of the atypicality scores (paper: 0.965)
     mask_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # gamma and atypicality are averaged over these random masks
     curve_keep: tuple[float, ...] = (1.0, 0.995, 0.99, 0.98, 0.965, 0.95, 0.9, 0.85, 0.8, 0.7)  # loss vs mask ratio
+    curve_images: int | None = 2000   # training images the loss-vs-mask-ratio curve averages over; None = all
     atypical_remove: int = 1000       # k: the top-k atypical (or k random) training images left out (paper: 1000)
     gallery_size: int = 5             # images per class shown as most / least atypical
     gamma: float | None = None        # flood level; None = the mean over mask_seeds of the masked final model's loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -116,5 +117,111 @@ def detector_bars(table: pd.DataFrame, metric: str = "fpr95"):
     sns.barplot(data=table, x="detector", y=metric, hue="model", errorbar="sd", ax=ax, palette=PALETTE)
     ax.set(xlabel="", ylabel=METRIC_LABELS.get(metric, metric))
     ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return fig
+
+
+def loss_vs_mask(curve: pd.DataFrame, mark: float | None = None):
+    """The masked final model's mean training loss against the fraction of weights masked (notebooks 02-03):
+    ``curve`` has columns masked, seed, mask_seed, loss; the band spans base seeds and mask seeds."""
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.3))
+    c = curve.assign(run=curve["seed"].astype(str) + "/" + curve["mask_seed"].astype(str), pct=100 * curve["masked"])
+    _band(ax, c.pivot_table(index="pct", columns="run", values="loss"), "masked model", PALETTE[0], scale=1.0)
+    for i, (seed, g) in enumerate(c.groupby("seed")):
+        m = g.groupby("pct")["loss"].mean()
+        ax.plot(m.index, m.values, color=PALETTE[0], lw=0.6, alpha=0.6, ls=":")
+    if mark is not None:
+        ax.axvline(100 * mark, color="0.3", ls="--", lw=0.9, label=f"gamma's ratio ({100 * mark:g}%)")
+    ax.set_yscale("log")
+    ax.set(xlabel="weights masked per layer (%)", ylabel="train cross-entropy", title="Loss of the masked final model")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def atypicality_views(scores: pd.DataFrame, top: pd.Series):
+    """Notebook 02: distribution of the atypicality score (KL), CE increase against KL, and KL against the epoch
+    from which an image stays learned; ``top`` marks the top-k atypical images."""
+    fig, axes = plt.subplots(1, 3, figsize=(2 * COLUMN_WIDTH, 2.2))
+    kl = scores["kl"].clip(lower=1e-12)
+    axes[0].hist(kl, bins=np.logspace(np.log10(kl.min()), np.log10(kl.max()), 50),
+                 color=PALETTE[0])
+    axes[0].set(xscale="log", yscale="log", xlabel="KL(masked ‖ full)", ylabel="training images",
+                title="Atypicality score")
+    for ax, y, label in ((axes[1], "ce_increase", "CE increase under masks"),
+                         (axes[2], "learned_epoch", "epoch learned (stays correct)")):
+        ax.scatter(kl[~top], scores.loc[~top, y], s=2, alpha=0.3, color=PALETTE[0], lw=0, label="other")
+        ax.scatter(kl[top], scores.loc[top, y], s=2, alpha=0.5, color=PALETTE[3], lw=0, label="top-k atypical")
+        ax.set(xscale="log", xlabel="KL(masked ‖ full)", ylabel=label)
+    if (scores["ce_increase"] > 0).all():
+        axes[1].set_yscale("log")
+    axes[2].legend(fontsize=6, markerscale=4)
+    fig.tight_layout()
+    return fig
+
+
+def gallery(images, labels, preds, most: dict, least: dict, class_names: list[str]):
+    """Per class (rows): the most atypical images (left) and the most typical (right). ``images`` uint8
+    (N, C, H, W); ``most``/``least`` map class -> indices. A prediction differing from the label is shown in red."""
+    classes = sorted(most)
+    g = max(len(v) for v in most.values())
+    fig, axes = plt.subplots(len(classes), 2 * g + 1, figsize=(2 * COLUMN_WIDTH, 0.42 * len(classes) * 2 + 0.4))
+    for r, c in enumerate(classes):
+        for j, idx in enumerate(list(most[c]) + [None] + list(least[c])):
+            ax = axes[r, j]
+            ax.set_axis_off()
+            if idx is None:
+                continue
+            img = images[idx].permute(1, 2, 0).numpy()
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            wrong = preds[idx] != labels[idx]
+            ax.set_title(f"→{class_names[preds[idx]][:7]}" if wrong else "", fontsize=5, color=PALETTE[3], pad=1)
+        axes[r, 0].text(-0.15, 0.5, class_names[c][:11], transform=axes[r, 0].transAxes, ha="right", va="center",
+                        fontsize=6)
+    axes[0, g // 2].text(0.5, 1.6, "most atypical", transform=axes[0, g // 2].transAxes, ha="center", fontsize=7)
+    axes[0, g + 1 + g // 2].text(0.5, 1.6, "most typical", transform=axes[0, g + 1 + g // 2].transAxes,
+                                 ha="center", fontsize=7)
+    fig.subplots_adjust(wspace=0.05, hspace=0.35)
+    return fig
+
+
+def arm_curves(curves: pd.DataFrame, labels: dict[str, str], metrics: tuple[str, ...] = ("fpr95", "id_acc")):
+    """Per-epoch test curves of several training runs (``arm`` column), mean ± std over seeds; ``curves`` has
+    columns arm, seed, epoch, metric, value (OOD metrics already averaged over the OOD sets)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(COLUMN_WIDTH * len(metrics), 2.3))
+    for ax, metric in zip(axes, metrics):
+        for i, (arm, label) in enumerate(labels.items()):
+            d = curves[(curves["arm"] == arm) & (curves["metric"] == metric)]
+            if len(d):
+                _band(ax, d.pivot_table(index="epoch", columns="seed", values="value"), label, PALETTE[i])
+        ax.set(xlabel="epoch", ylabel=METRIC_LABELS.get(metric, metric))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fine_tune_curves(history: pd.DataFrame, curves: pd.DataFrame, reference: dict[str, float], detector: str):
+    """Notebook 03: per fine-tuning epoch, the train cross-entropy against gamma, the ID test accuracy and the mean
+    test FPR95 of ``detector``, one line per model (mean ± std over seeds); ``reference`` values (e.g. the final
+    base model's) are dashed horizontal lines. ``curves``: model, seed, epoch, metric, value."""
+    fig, axes = plt.subplots(1, 3, figsize=(2 * COLUMN_WIDTH, 2.3))
+    models = list(dict.fromkeys(history["model"]))
+    for i, model in enumerate(models):
+        h = history[history["model"] == model]
+        _band(axes[0], h.pivot_table(index="epoch", columns="seed", values="train_loss"), model, PALETTE[i], 1.0)
+        for ax, metric in ((axes[1], "id_acc"), (axes[2], "fpr95")):
+            d = curves[(curves["model"] == model) & (curves["metric"] == metric)]
+            _band(ax, d.pivot_table(index="epoch", columns="seed", values="value"), model, PALETTE[i])
+    gamma = history["gamma"].dropna()
+    if len(gamma):
+        axes[0].axhline(gamma.mean(), color="0.2", ls="--", lw=0.9, label=f"gamma (mean {gamma.mean():.3g})")
+    for ax, key in ((axes[1], "id_acc"), (axes[2], "fpr95")):
+        if key in reference:
+            ax.axhline(100 * reference[key], color="0.5", ls=":", lw=0.9, label="final base model")
+    axes[0].set(yscale="log", xlabel="fine-tuning epoch", ylabel="train cross-entropy", title="Training loss")
+    axes[1].set(xlabel="fine-tuning epoch", ylabel=METRIC_LABELS["id_acc"], title="ID test accuracy")
+    axes[2].set(xlabel="fine-tuning epoch", ylabel=METRIC_LABELS["fpr95"], title=f"{detector}, mean over OOD sets")
+    axes[0].legend(fontsize=6)
+    axes[2].legend(fontsize=6)
     fig.tight_layout()
     return fig

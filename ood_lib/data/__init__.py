@@ -17,10 +17,10 @@ OOD_DOWNLOAD=1 (let torchvision download CIFAR-10/100, SVHN, MNIST, Fashion-MNIS
 CLI: python -m ood_lib.data --prepare fashion_mnist mnist animal_mnist
 """
 from ood_lib.data.arrays import DatasetCorrupt, DatasetMissing, ImageArrays, array_checksum
-from ood_lib.data.registry import DATASETS, DatasetSpec, load_dataset
+from ood_lib.data.registry import DATASETS, DatasetSpec, class_names, load_dataset
 from ood_lib.data.sources import (AnimalMnistPickles, CifarPickles, IdxFiles, ImageFolder, Source, SvhnMat,
                                   TarImageFolder, TorchvisionDownload)
 
-__all__ = ["ImageArrays", "DatasetSpec", "DATASETS", "load_dataset", "DatasetMissing", "DatasetCorrupt",
+__all__ = ["ImageArrays", "DatasetSpec", "DATASETS", "load_dataset", "class_names", "DatasetMissing", "DatasetCorrupt",
            "array_checksum", "Source", "IdxFiles", "AnimalMnistPickles", "CifarPickles", "SvhnMat", "ImageFolder",
            "TarImageFolder", "TorchvisionDownload"]

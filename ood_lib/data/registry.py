@@ -168,6 +168,20 @@ _CIFAR100 = CifarPickles("cifar-100-python", {"train": ("train",), "test": ("tes
 _TRAIN_TEST = {"train": {"train": True}, "test": {"train": False}}
 _ODIN = "the ODIN release (github.com/facebookresearch/odin)"
 
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def class_names(name: str) -> list[str]:
+    """Readable class names of a labelled set (the class index as text where none are recorded)."""
+    spec = DATASETS[name]
+    return list(CLASS_NAMES.get(name, tuple(str(i) for i in range(spec.num_classes or 0))))
+
+
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     _idx_spec("fashion_mnist", IdxFiles(("fashion-mnist", "FashionMNIST/raw"), (FASHION_MNIST_SYSTEM_DIR,),
                                         FASHION_MNIST_SHA256), "FashionMNIST",
