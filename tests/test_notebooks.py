@@ -15,14 +15,15 @@ def smoke_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("OOD_RESULTS_DIR", str(out / "results"))
     mp.setenv("OOD_FIGURES_DIR", str(out / "figures"))
-    done = reproduce.run("smoke", ["01", "04"])
+    done = reproduce.run("smoke", ["01", "02", "03", "04"])
     yield out, done
     mp.undo()
 
 
 def test_notebook_01_writes_every_metric_row(smoke_run):
     out, done = smoke_run
-    assert [name for name, _ in done] == ["01_intermediate_stage.ipynb", "04_line.ipynb"]
+    assert [name for name, _ in done] == ["01_intermediate_stage.ipynb", "02_atypical_samples.ipynb",
+                                          "03_unleashing_mask.ipynb", "04_line.ipynb"]
     p = load_profile("smoke")
     m = pd.read_csv(out / "results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
     m = m[m.notebook == "01"]
@@ -48,7 +49,7 @@ def test_notebook_01_writes_figures_tables_timings_provenance(smoke_run):
     for _, g in sel.groupby(["seed", "detector"]):
         assert g.set_index("rule").loc["oracle", "fpr95"] <= g.fpr95.min() + 1e-12
     timings = pd.read_csv(out / "results/smoke/timings.csv", dtype={"notebook": str})
-    assert set(timings.notebook) == {"01", "04"} and (timings.seconds >= 0).all()
+    assert set(timings.notebook) == {"01", "02", "03", "04"} and (timings.seconds >= 0).all()
     prov = json.loads((out / "results/smoke/provenance.json").read_text())["01"]
     assert prov["seeds"] == [0, 1] and prov["data_checksums"] and prov["profile"]["name"] == "smoke"
     executed = json.loads((out / "results/smoke/notebooks/01_intermediate_stage.ipynb").read_text())
@@ -66,19 +67,72 @@ def test_notebook_04_compares_line_with_every_detector(smoke_run):
     detectors = set(m[m.metric != "id_acc"].detector)
     assert {"line", "energy", "react", "dice", "ash_p", "ash_p_map"} <= detectors
     assert set(p.line.baselines) <= detectors and set(p.line.baselines) <= set(POSTHOC)
-    per = m[m.metric != "id_acc"].groupby(["seed", "detector", "ood_set"]).size()
-    assert (per == len(METRICS)).all() and len(per) == len(p.seeds) * len(detectors) * len(p.data.ood_sets)
-    assert (m[m.metric == "id_acc"].epoch.astype(int) == p.train.epochs).all()  # the final base model of 01
+    per = m[m.metric != "id_acc"].groupby(["model", "seed", "detector", "ood_set"]).size()
+    assert (per == len(METRICS)).all() and len(per) == 3 * len(p.seeds) * len(detectors) * len(p.data.ood_sets)
+    epochs = m[m.metric == "id_acc"].groupby("model").epoch.apply(lambda e: set(e.astype(int)))
+    assert epochs.to_dict() == {"base": {p.train.epochs}, "um": {p.um.epochs}, "umap": {p.um.epochs}}  # final models
     abl = pd.read_csv(out / "results/smoke/04_ablation.csv")
-    assert len(abl) == 8 * len(p.seeds)  # every on/off combination of clipping, activation and weight pruning
+    assert len(abl) == 8 * 3 * len(p.seeds)  # every on/off combination of clipping, activation and weight pruning
     sens = pd.read_csv(out / "results/smoke/04_sensitivity.csv")
     assert set(sens.parameter) == {"p_a", "p_w", "tau percentile"}
     # LINe with only clipping at the ReAct threshold IS ReAct: the ablation row must equal the react row
-    react = m[(m.detector == "react") & (m.metric == "fpr95")].groupby("seed").value.mean().mean()
+    react = m[(m.model == "base") & (m.detector == "react") & (m.metric == "fpr95")].groupby("seed").value.mean().mean()
+    abl = abl[abl.model == "base"]
     clip_only = abl[(abl["clip (AC)"]) & (~abl["activation pruning (AP)"]) & (~abl["weight pruning (WP)"])]
     assert clip_only.fpr95.mean() == pytest.approx(react, abs=1e-9)
     for stem in ("04_detectors_fpr95", "04_line_sensitivity"):
         assert (out / f"figures/smoke/{stem}.png").exists()
+
+
+def test_notebook_02_atypicality_and_the_experiment(smoke_run):
+    out, _ = smoke_run
+    p = load_profile("smoke")
+    m = pd.read_csv(out / "results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
+    m = m[m.notebook == "02"]
+    logit = {"msp", "maxlogit", "energy"} & set(p.eval.detectors)
+    ood = m[m.metric != "id_acc"]
+    assert set(ood.model) == {"no_atypical", "no_random"} and set(ood.detector) == logit
+    assert len(ood) == 2 * len(p.seeds) * p.train.epochs * len(logit) * len(p.data.ood_sets) * len(METRICS)
+    per_seed = pd.read_csv(out / "results/smoke/02_atypicality_per_seed.csv")
+    assert len(per_seed) == len(p.seeds) * p.data.train_size
+    assert (per_seed.kl >= 0).all() and per_seed.learned_epoch.between(1, p.train.epochs + 1).all()
+    curve = pd.read_csv(out / "results/smoke/02_loss_vs_mask_ratio.csv")
+    assert len(curve) == len(p.seeds) * len(p.um.curve_keep) * len(p.um.mask_seeds)
+    assert curve[curve.keep == 1.0].loss.nunique() == len(p.seeds)  # keep 1.0 masks nothing: one loss per model
+    prov = json.loads((out / "results/smoke/provenance.json").read_text())["02"]
+    removed = prov["removed"]
+    assert len(removed["no_atypical"]) == len(removed["no_random"]) == p.um.atypical_remove
+    # the removed atypical images are the top-k of the seed-mean KL
+    kl = per_seed.groupby("image").kl.mean()
+    assert set(removed["no_atypical"]) == set(kl.sort_values(ascending=False, kind="stable").index[:p.um.atypical_remove])
+    for stem in ("02_loss_vs_mask_ratio", "02_atypicality_views", "02_atypical_gallery", "02_without_atypical_energy"):
+        assert (out / f"figures/smoke/{stem}.png").exists()
+    text = json.dumps(json.loads((out / "results/smoke/notebooks/02_atypical_samples.ipynb").read_text()))
+    assert "Verdict:" in text and "Two views." in text
+
+
+def test_notebook_03_gamma_um_umap(smoke_run):
+    out, _ = smoke_run
+    p = load_profile("smoke")
+    m = pd.read_csv(out / "results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
+    m = m[m.notebook == "03"]
+    assert set(m.model) == {"um", "umap", "ft_ce"}
+    final = m[(m.epoch.astype(int) == p.um.epochs) & (m.metric != "id_acc")]
+    per = final.groupby(["model", "seed", "detector", "ood_set"]).size()
+    assert (per == len(METRICS)).all()
+    assert len(per) == 3 * len(p.seeds) * len(p.eval.detectors) * len(p.data.ood_sets)  # every detector, ODIN too
+    gamma = pd.read_csv(out / "results/smoke/03_gamma_per_mask.csv")
+    assert len(gamma) == len(p.seeds) * len(p.um.mask_seeds) and (gamma.gamma > 0).all()
+    history = pd.read_csv(out / "results/smoke/03_training_history.csv")
+    assert len(history) == 3 * len(p.seeds) * p.um.epochs
+    used = pd.read_csv(out / "results/smoke/03_gamma.csv").set_index("seed")["used"]
+    um_gamma = history[history.model == "um"].groupby("seed").gamma.first()
+    assert (um_gamma - used).abs().max() < 1e-12  # UM used the mean over masks of its own seed's gamma
+    table = pd.read_csv(out / "results/smoke/03_um_comparison.csv")
+    assert {"base, final", "base, OOD-val epoch", "base, oracle epoch", "UM", "UMAP"} <= set(table.model)
+    assert (out / "figures/smoke/03_fine_tuning_curves.png").exists()
+    text = json.dumps(json.loads((out / "results/smoke/notebooks/03_unleashing_mask.ipynb").read_text()))
+    assert "improve on the final model" in text
 
 
 def test_rerun_reuses_checkpoints_and_cache(smoke_run):
