@@ -1,0 +1,469 @@
+"""Unleashing Mask: flooding's gradient, random and learnable (straight-through top-k) weight masks and their folding,
+training only a parameter list on an objective, the masked losses behind gamma, the atypicality statistics, and the
+um profile section's validation. Every check is against an independent computation (autograd on plain functions,
+loops, hand counts)."""
+import copy
+import math
+from decimal import ROUND_HALF_UP, Decimal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ood_lib import atypical, masking, um
+from ood_lib.config import ProfileError, TrainConfig, load_profile
+from ood_lib.models import resnet_small, weights_digest
+from ood_lib.train import train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest, and on a busy 2-core machine two spinning threads are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return resnet_small(num_classes=10, in_channels=1, width=4, blocks=(1, 1, 1))
+
+
+def _images(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+def _kept(n, keep):
+    """round(keep * n), half up, in exact decimal arithmetic (independent of masking.kept_count)."""
+    return int((Decimal(str(keep)) * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _conv_linear(model):
+    """Every nn.Conv2d / nn.Linear of ``model`` by name, found with isinstance (independent of masked_layers)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Flooding
+
+
+def test_flood_gradient_is_ce_gradient_above_gamma_and_its_negative_below():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    ce = F.cross_entropy(lin(x), y)
+    g_ce = torch.autograd.grad(ce, [lin.weight, lin.bias])
+    c = ce.item()
+    for gamma, sign in [(c - 0.5, 1.0), (c + 0.5, -1.0)]:
+        ce = F.cross_entropy(lin(x), y)
+        flooded = um.flood(ce, gamma)
+        expected_value = c if sign > 0 else 2 * gamma - c
+        assert flooded.item() == pytest.approx(expected_value, abs=1e-6)
+        g = torch.autograd.grad(flooded, [lin.weight, lin.bias])
+        for a, b in zip(g, g_ce):
+            assert b.abs().max() > 0
+            torch.testing.assert_close(a, sign * b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2-4. Random masks
+
+
+@pytest.mark.parametrize("keep", [0.965, 0.8])
+def test_random_masks_zero_exactly_the_rounded_count_in_every_conv_and_linear(keep):
+    model = _model()
+    layers = _conv_linear(model)
+    assert len(layers) == 10  # stem, 2 convs per block x 3 blocks, 2 shortcuts, fc
+    assert [n for n, _ in masking.masked_layers(model)] == list(layers)
+    masks = masking.random_masks(model, keep, seed=0)
+    assert set(masks) == set(layers)
+    for name, m in layers.items():
+        mask = masks[name]
+        n = m.weight.numel()
+        assert mask.shape == m.weight.shape
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert int((mask == 0).sum()) == n - _kept(n, keep), name
+        assert int((mask == 0).sum()) == n - math.floor(keep * n + 0.5), name
+
+
+def test_random_masks_depend_on_the_seed_only():
+    model = _model()
+    torch.manual_seed(1)
+    a = masking.random_masks(model, 0.8, seed=3)
+    torch.manual_seed(2)  # the global RNG must not matter
+    b = masking.random_masks(model, 0.8, seed=3)
+    c = masking.random_masks(model, 0.8, seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(not torch.equal(a[k], c[k]) for k in a) >= len(a) - 1  # tiny layers may coincide by chance
+    # and the same seed gives the same masks on another model of the same architecture (weights ignored)
+    d = masking.random_masks(_model(seed=5), 0.8, seed=3)
+    assert all(torch.equal(a[k], d[k]) for k in a)
+
+
+@pytest.mark.parametrize("shape,fan_in", [((64, 16, 3, 3), 16 * 3 * 3), ((8, 30, 5, 7), 30 * 5 * 7),
+                                          ((50, 400), 400), ((1000, 20), 20)])
+def test_random_scores_are_bounded_by_one_over_sqrt_fan_in(shape, fan_in):
+    s = masking.random_scores(torch.Size(shape), torch.Generator().manual_seed(0))
+    bound = 1 / math.sqrt(fan_in)
+    assert s.shape == torch.Size(shape)
+    assert s.abs().max() <= bound * (1 + 1e-6)
+    assert s.abs().max() >= 0.99 * bound  # >= 8000 draws: P(max below 0.99 bound) < 1e-30
+    assert (s > 0).any() and (s < 0).any()
+
+
+def test_apply_masks_zeroes_exactly_the_masked_weights_on_a_copy():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = masking.random_masks(model, 0.8, seed=1)
+    out = masking.apply_masks(model, masks)
+    assert out is not model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the original is untouched
+    out_params = dict(out.named_parameters())
+    for name, m in _conv_linear(model).items():
+        w, mask, w_out = before[f"{name}.weight"], masks[name], out_params[f"{name}.weight"]
+        assert (w != 0).all()
+        assert (w_out[mask == 0] == 0).all()
+        assert torch.equal(w_out[mask == 1], w[mask == 1])
+        assert int((w_out == 0).sum()) == w.numel() - _kept(w.numel(), 0.8)
+    masked_names = {f"{n}.weight" for n in _conv_linear(model)}
+    for k, v in out.state_dict().items():
+        if k not in masked_names:
+            assert torch.equal(v, before[k]), k  # BN, biases, buffers as they were
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. UMAP: learnable score masks
+
+
+def test_score_masks_keep_the_top_rounded_count_of_every_layer():
+    model = _model()
+    originals = {n: m.weight.detach().clone() for n, m in _conv_linear(model).items()}
+    masking.add_score_masks(model, keep=0.8, seed=0)
+    current = masking.current_masks(model)
+    assert set(current) == set(originals)
+    for name, m in _conv_linear(model).items():
+        w0 = originals[name]
+        assert (w0 != 0).all()
+        n, k = w0.numel(), _kept(w0.numel(), 0.8)
+        w = m.weight.detach()  # the parametrized, effective weight
+        same = w == w0
+        assert int(same.sum()) == k, name
+        assert (w[~same] == 0).all()
+        assert int(current[name].sum()) == k and int((current[name] == 0).sum()) == n - k
+        assert torch.equal(same, current[name] == 1)
+        # the kept weights are those with the largest |score|
+        s = m.parametrizations.weight[0].scores.detach().abs()
+        assert s[same].min() > s[~same].max()
+
+
+def test_score_masks_return_only_the_scores_and_freeze_the_rest():
+    model = _model()
+    params = masking.add_score_masks(model, keep=0.8, seed=0, train_weights=False)
+    scores = [m.parametrizations.weight[0].scores for m in _conv_linear(model).values()]
+    assert len(params) == len(scores) == 10
+    assert all(p is s for p, s in zip(params, scores))
+    assert all(p is s for p, s in zip(masking.score_parameters(model), scores))
+    for name, p in model.named_parameters():
+        is_score = any(p is s for s in scores)
+        assert p.requires_grad == is_score, name
+
+
+def test_score_mask_training_moves_only_the_scores():
+    model = _model()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    params = masking.add_score_masks(model, keep=0.8, seed=0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "scores" not in n}
+    assert any("original" in n for n in frozen) and any("bn1.weight" in n for n in frozen)
+    assert "fc.bias" in frozen
+    scores0 = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=0.1)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        um.flood(F.cross_entropy(model(x), y), gamma=0.1).backward()
+        for p in params:
+            assert p.grad is not None and p.grad.abs().max() > 0
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+            assert p.grad is None, n
+    for p, p0 in zip(params, scores0):
+        assert not torch.equal(p, p0)
+
+
+def test_score_gradient_is_straight_through():
+    """dL/ds = dL/dW_eff * W * sign(s), with dL/dW_eff from autograd on a plain linear function."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5))
+    lin = net[0]
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x, y = torch.randn(7, 6), torch.randint(0, 5, (7,))
+    (scores,) = masking.add_score_masks(net, keep=0.8, seed=2)
+    F.cross_entropy(net(x), y).backward()
+
+    s = scores.detach()
+    k = _kept(s.numel(), 0.8)  # 24 of 30
+    mask = torch.zeros(s.numel())
+    mask[s.abs().flatten().argsort(descending=True)[:k]] = 1
+    w_eff = (w * mask.view_as(w)).requires_grad_()
+    (g,) = torch.autograd.grad(F.cross_entropy(F.linear(x, w_eff, b), y), w_eff)
+    expected = g * w * s.sign()
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(scores.grad, expected)
+    # pruned weights get a gradient too (straight through), unlike dL/dW_eff * mask
+    assert (scores.grad[mask.view_as(w) == 0] != 0).any()
+
+
+def test_fold_gives_a_plain_model_with_the_masked_logits():
+    model = _model()
+    x = torch.rand(8, 1, 28, 28)
+    params = masking.add_score_masks(model, keep=0.8, seed=0)
+    opt = torch.optim.SGD(params, lr=1.0)  # move the scores so that the masks are not the initial ones
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.arange(8)).backward()
+        opt.step()
+    masks = {k: v.clone() for k, v in masking.current_masks(model).items()}
+    originals = {n: m.parametrizations.weight.original.detach().clone() for n, m in _conv_linear(model).items()}
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    folded = masking.fold(model)
+    assert folded is model
+    for name, m in _conv_linear(model).items():
+        assert type(m) in (nn.Conv2d, nn.Linear), name
+        assert not parametrize.is_parametrized(m)
+        assert not hasattr(m, "parametrizations")
+        assert torch.equal(m.weight.detach(), originals[name] * masks[name])
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+    # the same keys as a plain model (torch re-registers the weight after the bias, so the order may differ)
+    fresh = _model(seed=9)
+    assert sorted(model.state_dict()) == sorted(fresh.state_dict())
+    assert len(model.state_dict()) == len(fresh.state_dict())
+    fresh.load_state_dict(model.state_dict())  # strict
+    assert weights_digest(fresh) == weights_digest(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), expected, rtol=0, atol=1e-6)
+
+
+def test_score_masks_with_train_weights_optimise_everything():
+    model = _model()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    params = masking.add_score_masks(model, keep=0.8, seed=0, train_weights=True)
+    scores = masking.score_parameters(model)
+    assert all(p is s for p, s in zip(params[:len(scores)], scores))
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    assert len(params) == len(list(model.parameters()))
+    assert all(p.requires_grad for p in model.parameters())
+    originals = {n: m.parametrizations.weight.original for n, m in _conv_linear(model).items()}
+    before = {n: w.detach().clone() for n, w in originals.items()}
+    opt = torch.optim.SGD(params, lr=0.1)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        um.flood(F.cross_entropy(model(x), y), gamma=0.1).backward()
+        opt.step()
+    for n, w in originals.items():
+        assert not torch.equal(w.detach(), before[n]), n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. train() with an objective and a parameter list
+
+TINY = TrainConfig(epochs=2, batch_size=32, lr=0.05, crop_padding=0, flip=False)
+
+
+def test_train_updates_only_the_given_parameters(tmp_path):
+    x, y = _images(64)
+    model = _model()
+    params = masking.add_score_masks(model, keep=0.8, seed=0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "scores" not in n}
+    scores0 = [p.detach().clone() for p in params]
+    history = train(model, x, y, TINY, seed=0, run_dir=tmp_path, device=CPU, log=lambda s: None,
+                    objective=lambda ce: um.flood(ce, 0.5), parameters=params)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(math.isfinite(h["train_loss"]) for h in history)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+    assert all(not torch.equal(p.detach(), p0) for p, p0 in zip(params, scores0))
+    # a plain model, every parameter trainable: only the listed ones move
+    plain = _model()
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    train(plain, x, y, TINY, seed=0, run_dir=tmp_path / "plain", device=CPU, log=lambda s: None,
+          parameters=[plain.fc.weight, plain.fc.bias])
+    for n, p in plain.named_parameters():
+        assert torch.equal(p.detach(), before[n]) == (not n.startswith("fc.")), n
+
+
+def test_train_history_records_the_cross_entropy_not_the_objective(tmp_path):
+    """One epoch, one batch of the whole set: train_loss is the initial model's CE (train mode) on it, even when
+    the objective is flood(CE, 100) ~ 200 - CE."""
+    x, y = _images(64)
+    model = _model()
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        ce0 = F.cross_entropy(reference(x.float() / 255), y).item()
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, crop_padding=0, flip=False)
+    history = train(model, x, y, cfg, seed=0, run_dir=tmp_path, device=CPU, log=lambda s: None,
+                    objective=lambda ce: um.flood(ce, gamma=100.0))
+    assert history[0]["train_loss"] == pytest.approx(ce0, rel=1e-5)
+
+
+def test_flooding_far_above_the_loss_is_gradient_ascent(tmp_path):
+    x, y = _images(64)
+    runs = {}
+    for name, objective in [("ce", None), ("ascent", lambda ce: um.flood(ce, gamma=100.0))]:
+        runs[name] = train(_model(), x, y, TINY, seed=0, run_dir=tmp_path / name, device=CPU, log=lambda s: None,
+                           objective=objective)
+    ce, ascent = runs["ce"], runs["ascent"]
+    assert ascent[-1]["train_loss"] > ce[-1]["train_loss"]
+    assert ascent[-1]["train_loss"] > ascent[0]["train_loss"]  # the CE rises under ascent
+    assert ce[-1]["train_loss"] < ce[0]["train_loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. The losses of gamma
+
+
+def test_mean_loss_and_masked_loss():
+    x, y = _images(10)
+    model = _model().eval()
+    with torch.no_grad():
+        direct = F.cross_entropy(model(x.float() / 255), y).item()
+    full = um.mean_loss(model, x, y, CPU, batch_size=4)  # batches of 4, 4, 2
+    assert full == pytest.approx(direct, rel=1e-6)
+    a = um.masked_loss(model, x, y, 0.8, 3, CPU, 4, None)
+    assert um.masked_loss(model, x, y, 0.8, 3, CPU, 4, None) == a
+    assert um.masked_loss(model, x, y, 0.8, 4, CPU, 4, None) != a
+    assert a != pytest.approx(full, rel=1e-6)
+    assert um.masked_loss(model, x, y, 1.0, 3, CPU, 4, None) == pytest.approx(full, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8-10. Atypicality
+
+
+def _dynamics_by_loop(correct):
+    E, n = correct.shape
+    learned, forgetting = [], []
+    for j in range(n):
+        e = E + 1
+        while e > 1 and correct[e - 2, j]:
+            e -= 1
+        learned.append(e)
+        forgetting.append(sum(bool(correct[t, j]) and not correct[t + 1, j] for t in range(E - 1)))
+    return learned, forgetting
+
+
+def test_learning_dynamics_by_hand():
+    T, W = True, False
+    columns = [
+        [T, T, T, T],  # always correct: learned at 1, never forgotten
+        [W, W, T, T],  # correct from epoch 3
+        [T, T, T, W],  # wrong at the end: not learned (E + 1), forgotten once
+        [T, W, T, T],  # correct-wrong-correct-correct: learned at 3, forgotten once
+        [W, W, W, W],  # never correct
+        [T, W, T, W],  # forgotten twice, wrong at the end
+    ]
+    correct = np.array(columns).T  # (epochs, images)
+    out = atypical.learning_dynamics(correct)
+    assert out["learned_epoch"].tolist() == [1, 3, 5, 3, 5, 5]
+    assert out["forgetting_events"].tolist() == [0, 0, 1, 1, 0, 2]
+    rng = np.random.default_rng(0)
+    random = rng.random((7, 50)) < 0.6
+    out = atypical.learning_dynamics(random)
+    learned, forgetting = _dynamics_by_loop(random)
+    assert out["learned_epoch"].tolist() == learned
+    assert out["forgetting_events"].tolist() == forgetting
+
+
+def test_mask_sensitivity_without_masking_is_zero():
+    x, y = _images(12)
+    out = atypical.mask_sensitivity(_model(), x, y, keep=1.0, seeds=(0, 1), device=CPU, batch_size=5)
+    assert len(out) == 12
+    assert (out["ce_increase"] == 0).all() and (out["kl"] == 0).all() and (out["flip_rate"] == 0).all()
+
+
+def test_mask_sensitivity_against_a_hand_computation():
+    x, y = _images(12)
+    model = _model()
+    out = atypical.mask_sensitivity(model, x, y, keep=0.9, seeds=(0, 1, 2), device=CPU, batch_size=5)
+    assert (out["kl"] >= 0).all() and (out["kl"] > 0).any()
+    s = 7
+    one = atypical.mask_sensitivity(model, x, y, keep=0.9, seeds=(s,), device=CPU, batch_size=5)
+    masked = masking.apply_masks(model, masking.random_masks(model, 0.9, s)).eval()
+    model.eval()
+    with torch.no_grad():
+        xf = x.float() / 255
+        p_full = torch.softmax(model(xf).double(), 1)
+        p_mask = torch.softmax(masked(xf).double(), 1)
+    for i in [0, 5, 11]:
+        kl = sum(p_mask[i, c].item() * math.log(p_mask[i, c].item() / p_full[i, c].item()) for c in range(10))
+        assert one["kl"][i] == pytest.approx(kl, rel=1e-6, abs=1e-9)
+        ce_up = -math.log(p_mask[i, y[i]].item()) + math.log(p_full[i, y[i]].item())
+        assert one["ce_increase"][i] == pytest.approx(ce_up, rel=1e-6, abs=1e-9)
+        assert one["ce_full"][i] == pytest.approx(-math.log(p_full[i, y[i]].item()), rel=1e-6)
+        assert one["flip_rate"][i] == float(p_mask[i].argmax() != p_full[i].argmax())
+        assert one["masked_wrong_rate"][i] == float(p_mask[i].argmax() != y[i])
+
+
+def test_top_k_and_random_k():
+    score = np.array([0.5, 0.9, 0.5, 0.1, 0.9, 0.5, 0.2])
+    assert atypical.top_k(score, 3).tolist() == [0, 1, 4]  # both 0.9s, then the first 0.5
+    assert atypical.top_k(score, 4).tolist() == [0, 1, 2, 4]
+    rng = np.random.default_rng(1)
+    ints = rng.integers(0, 5, 40).astype(float)  # many ties
+    for k in (1, 7, 20):
+        expected = sorted(sorted(range(40), key=lambda i: (-ints[i], i))[:k])
+        assert atypical.top_k(ints, k).tolist() == expected
+    a, b, c = atypical.random_k(100, 30, seed=3), atypical.random_k(100, 30, seed=3), atypical.random_k(100, 30, 4)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    assert len(set(a.tolist())) == 30 and a.min() >= 0 and a.max() < 100
+    assert a.tolist() == sorted(a.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. Validation of the um section
+
+VALID = {"um.atypical_remove": 100}  # smoke has 1000 training images; the default k (1000) is not below that
+
+
+def test_um_overrides_that_are_valid_load():
+    p = load_profile("smoke", {**VALID, "um.mask_keep": 1.0, "um.gamma": 0.2,
+                               "um.mask_seeds": [0, 1, 2, 3, 4]})
+    assert p.um.mask_keep == 1.0 and p.um.gamma == 0.2 and p.um.atypical_remove == 100
+    assert load_profile("smoke", {"um.atypical_remove": 999}).um.atypical_remove == 999
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"um.mask_keep": 0}, r"um.mask_keep is the fraction of weights KEPT"),
+    ({"um.mask_keep": 1.5}, r"um.mask_keep is the fraction of weights KEPT"),
+    ({"um.umap_keep": 0.0}, r"um.umap_keep is the fraction of weights KEPT"),
+    ({"um.curve_keep": [1.0, 0.9, -0.1]}, r"um.curve_keep\[2\] is the fraction of weights KEPT"),
+    ({"um.mask_seeds": [0, 1, 2]}, r"um.mask_seeds needs at least 5 distinct seeds"),
+    ({"um.mask_seeds": [0, 1, 2, 3, 3]}, r"um.mask_seeds needs at least 5 distinct seeds"),
+    ({"um.gammma": 0.1}, r"unknown parameter\(s\) \['gammma'\]; allowed: \[.*'gamma'"),
+    ({"um.gamma": -1}, r"um.gamma must be positive"),
+    ({"um.gamma": 0}, r"um.gamma must be positive"),
+    ({"um.atypical_remove": 1000}, r"um.atypical_remove must be in \[1, data.train_size\)"),
+    ({"um.atypical_remove": 5000}, r"um.atypical_remove must be in \[1, data.train_size\)"),
+    ({"um.atypical_remove": 0}, r"um.atypical_remove must be in \[1, data.train_size\)"),
+])
+def test_um_overrides_that_are_rejected(override, message):
+    with pytest.raises(ProfileError, match=message):
+        load_profile("smoke", {**VALID, **override})
