@@ -467,3 +467,24 @@ def test_um_overrides_that_are_valid_load():
 def test_um_overrides_that_are_rejected(override, message):
     with pytest.raises(ProfileError, match=message):
         load_profile("smoke", {**VALID, **override})
+
+
+def test_gamma_used_is_the_mean_over_masks_unless_given():
+    g = um.Gamma(0.965, (0, 1, 2, 3, 4), (0.1, 0.2, 0.3, 0.4, 1.0))
+    s = g.summary()
+    assert g.used == pytest.approx(0.4) and s["median"] == pytest.approx(0.3) and s["max"] == 1.0
+    assert s["std"] == pytest.approx(np.std([0.1, 0.2, 0.3, 0.4, 1.0], ddof=1))
+    fixed = um.Gamma(0.965, (0, 1, 2, 3, 4), (0.1, 0.2, 0.3, 0.4, 1.0), given=0.15)
+    assert fixed.used == 0.15 and fixed.summary()["rule"] == "um.gamma (given)"
+
+
+def test_estimate_gamma_is_reproducible_and_uses_every_mask_seed():
+    from types import SimpleNamespace
+    p = load_profile("smoke", {"um.mask_seeds": [3, 4, 5, 6, 7]})
+    x, y = _images(24)
+    data = SimpleNamespace(train_images=x, train_labels=y)
+    model = _model().eval()
+    a, b = um.estimate_gamma(p, data, model, CPU), um.estimate_gamma(p, data, model, CPU)
+    assert a.values == b.values and a.seeds == (3, 4, 5, 6, 7)
+    expected = [um.masked_loss(model, x, y, p.um.mask_keep, s, CPU, p.eval.batch_size, p.train) for s in a.seeds]
+    assert list(a.values) == expected and len(set(a.values)) == 5
