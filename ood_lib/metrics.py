@@ -93,6 +93,15 @@ def fpr95_id(id_scores, ood_scores) -> float:
     return _fpr_at_tpr(-b, -a)
 
 
+def roc_curve(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1); ID positive, accepted when score >= t."""
+    a, b = _check(id_scores, ood_scores)
+    t = np.unique(np.concatenate([a, b]))[::-1]
+    tpr = np.searchsorted(np.sort(-a), -t, side="right") / a.size  # fraction of ID with score >= t
+    fpr = np.searchsorted(np.sort(-b), -t, side="right") / b.size
+    return np.r_[0.0, fpr], np.r_[0.0, tpr]
+
+
 METRIC_FUNCTIONS = {"auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out, "fpr95": fpr95, "fpr95_id": fpr95_id}
 
 

@@ -225,3 +225,49 @@ def fine_tune_curves(history: pd.DataFrame, curves: pd.DataFrame, reference: dic
     axes[2].legend(fontsize=6)
     fig.tight_layout()
     return fig
+
+
+def score_histograms(scores: dict[str, np.ndarray], detector: str, id_name: str):
+    """Distribution of one detector's scores on the ID test set and each OOD set (density, shared bins)."""
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.2))
+    allv = np.concatenate(list(scores.values()))
+    lo, hi = np.percentile(allv, [0.5, 99.5])
+    bins = np.linspace(lo, hi, 60)
+    for i, (name, s) in enumerate(scores.items()):
+        ax.hist(np.clip(s, lo, hi), bins=bins, density=True, histtype="stepfilled" if name == id_name else "step",
+                alpha=0.35 if name == id_name else 1.0, lw=1.2, color=PALETTE[i % len(PALETTE)],
+                label=f"{name} (ID)" if name == id_name else name)
+    ax.set(xlabel=f"{detector} score (higher = more ID)", ylabel="density", title=f"{detector}: ID vs OOD scores")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(id_scores: np.ndarray, ood: dict[str, np.ndarray], detector: str):
+    """ROC curve (ID positive) of one detector against each OOD set, with the 95% TPR line and each AUROC."""
+    from ood_lib.metrics import auroc, roc_curve
+
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH * 0.8, 2.6))
+    for i, (name, s) in enumerate(ood.items()):
+        fpr, tpr = roc_curve(id_scores, s)
+        ax.plot(100 * fpr, 100 * tpr, color=PALETTE[(i + 1) % len(PALETTE)], lw=1.3,
+                label=f"{name} (AUROC {100 * auroc(id_scores, s):.1f})")
+    ax.axhline(95, color="0.5", ls=":", lw=0.9)
+    ax.plot([0, 100], [0, 100], color="0.8", lw=0.8)
+    ax.set(xlabel="OOD accepted (FPR, %)", ylabel="ID accepted (TPR, %)", title=f"{detector}: ROC, ID positive",
+           xlim=(0, 100), ylim=(0, 101))
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def model_bars(table: pd.DataFrame, metric: str = "fpr95", order: list[str] | None = None):
+    """Mean-over-OOD ``metric`` (%) per detector for several models (e.g. final, best intermediate, UM, UMAP),
+    mean ± std over seeds; ``table`` has columns model, detector, seed and ``metric``."""
+    fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 2.4))
+    sns.barplot(data=table, x="detector", y=metric, hue="model", hue_order=order, errorbar="sd", ax=ax,
+                palette=PALETTE)
+    ax.set(xlabel="", ylabel=METRIC_LABELS.get(metric, metric))
+    ax.legend(fontsize=7, ncols=min(3, len(order or table["model"].unique())))
+    fig.tight_layout()
+    return fig

@@ -122,3 +122,18 @@ def test_odin_matches_closed_form_on_a_linear_model():
     expected = (q / q.sum(1, keepdims=True)).max(1)
     got = detectors.odin(model, x.float(), temperature=T, epsilon=eps, batch_size=3)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_roc_curve_matches_sklearn_and_integrates_to_auroc(ties):
+    from sklearn.metrics import roc_curve as sk_roc
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
+    if ties:
+        a, b = a.round(1), b.round(1)
+    fpr, tpr = metrics.roc_curve(a, b)
+    sk_fpr, sk_tpr, _ = sk_roc(np.r_[np.ones(a.size), np.zeros(b.size)], np.r_[a, b], drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auroc(a, b), abs=1e-12)
