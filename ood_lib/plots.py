@@ -218,7 +218,9 @@ def fine_tune_curves(history: pd.DataFrame, curves: pd.DataFrame, reference: dic
     for ax, key in ((axes[1], "id_acc"), (axes[2], "fpr95")):
         if key in reference:
             ax.axhline(100 * reference[key], color="0.5", ls=":", lw=0.9, label="final base model")
-    axes[0].set(yscale="log", xlabel="fine-tuning epoch", ylabel="train cross-entropy", title="Training loss")
+    loss = history["train_loss"]
+    axes[0].set(yscale="log" if loss.max() > 10 * loss.min() else "linear", xlabel="fine-tuning epoch",
+                ylabel="train cross-entropy", title="Training loss")
     axes[1].set(xlabel="fine-tuning epoch", ylabel=METRIC_LABELS["id_acc"], title="ID test accuracy")
     axes[2].set(xlabel="fine-tuning epoch", ylabel=METRIC_LABELS["fpr95"], title=f"{detector}, mean over OOD sets")
     axes[0].legend(fontsize=6)
