@@ -12,7 +12,7 @@ ifeq ($(origin OOD_DATA_ROOT), undefined)
   endif
 endif
 
-.PHONY: all venv data test reproduce benchmark clean-results
+.PHONY: all venv data browser test reproduce benchmark clean-results
 all: test
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -26,7 +26,11 @@ venv: $(VENV)/.installed
 data: venv
 	PYTHON=$(PY) bash scripts/fetch_offline_data.sh
 
-test: data
+# Debian's Chromium and ChromeDriver, for the browser test of the HTML report (tests/test_report.py).
+browser:
+	bash scripts/install_browser.sh
+
+test: data browser
 	$(PY) -m pytest -q
 
 reproduce: data

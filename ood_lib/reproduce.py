@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ood_lib.config import ProfileError, available_profiles, load_profile, parse_override
 from ood_lib.paths import PROJECT_ROOT, results_dir
+from ood_lib.report import write_report
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 
@@ -55,6 +56,9 @@ def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict |
         print(f"[{i}/{len(paths)}] {path.name} done in {seconds:.1f} s -> {out_dir / path.name}", flush=True)
     total = sum(s for _, s in done)
     print(f"profile {profile.name}: {len(done)} notebook(s) in {total:.1f} s")
+    t0 = time.perf_counter()
+    report = write_report(profile.name)
+    print(f"report: {report} ({report.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s")
     return done
 
 

@@ -9,17 +9,6 @@ from ood_lib.config import load_profile
 from ood_lib.metrics import METRICS
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OOD_RESULTS_DIR", str(out / "results"))
-    mp.setenv("OOD_FIGURES_DIR", str(out / "figures"))
-    done = reproduce.run("smoke", ["01", "02", "03", "04"])
-    yield out, done
-    mp.undo()
-
-
 def test_notebook_01_writes_every_metric_row(smoke_run):
     out, done = smoke_run
     assert [name for name, _ in done] == ["01_intermediate_stage.ipynb", "02_atypical_samples.ipynb",
