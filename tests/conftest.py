@@ -15,6 +15,6 @@ def smoke_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("OOD_RESULTS_DIR", str(out / "results"))
     mp.setenv("OOD_FIGURES_DIR", str(out / "figures"))
-    done = reproduce.run("smoke", ["01", "02", "03", "04"])
+    done = reproduce.run("smoke", ["01", "02", "03", "04", "05"])
     yield out, done
     mp.undo()

@@ -12,7 +12,7 @@ from ood_lib.metrics import METRICS
 def test_notebook_01_writes_every_metric_row(smoke_run):
     out, done = smoke_run
     assert [name for name, _ in done] == ["01_intermediate_stage.ipynb", "02_atypical_samples.ipynb",
-                                          "03_unleashing_mask.ipynb", "04_line.ipynb"]
+                                          "03_unleashing_mask.ipynb", "04_line.ipynb", "05_report.ipynb"]
     p = load_profile("smoke")
     m = pd.read_csv(out / "results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
     m = m[m.notebook == "01"]
@@ -38,7 +38,7 @@ def test_notebook_01_writes_figures_tables_timings_provenance(smoke_run):
     for _, g in sel.groupby(["seed", "detector"]):
         assert g.set_index("rule").loc["oracle", "fpr95"] <= g.fpr95.min() + 1e-12
     timings = pd.read_csv(out / "results/smoke/timings.csv", dtype={"notebook": str})
-    assert set(timings.notebook) == {"01", "02", "03", "04"} and (timings.seconds >= 0).all()
+    assert set(timings.notebook) == {"01", "02", "03", "04"} and (timings.seconds >= 0).all()  # 05 times nothing
     prov = json.loads((out / "results/smoke/provenance.json").read_text())["01"]
     assert prov["seeds"] == [0, 1] and prov["data_checksums"] and prov["profile"]["name"] == "smoke"
     executed = json.loads((out / "results/smoke/notebooks/01_intermediate_stage.ipynb").read_text())
@@ -122,6 +122,19 @@ def test_notebook_03_gamma_um_umap(smoke_run):
     assert (out / "figures/smoke/03_fine_tuning_curves.png").exists()
     text = json.dumps(json.loads((out / "results/smoke/notebooks/03_unleashing_mask.ipynb").read_text()))
     assert "improve on the final model" in text
+
+
+def test_notebook_05_assembles_every_claim(smoke_run):
+    out, _ = smoke_run
+    tables = out / "results/smoke/tables"
+    for claim in ("claim1_intermediate_stage", "claim2_without_atypical", "claim3_unleashing_mask", "claim4_line"):
+        assert {f"{claim}.md", f"{claim}.tex", f"{claim}.csv"} <= {p.name for p in tables.iterdir()}, claim
+        tex = (tables / f"{claim}.tex").read_text()
+        assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{" in tex
+    claim3 = pd.read_csv(tables / "claim3_unleashing_mask.csv")
+    assert {"base, final", "base, OOD-val epoch", "UM", "UMAP"} <= set(claim3.model)
+    text = json.dumps(json.loads((out / "results/smoke/notebooks/05_report.ipynb").read_text()))
+    assert text.count("**Verdict") == 4 and "has not run on profile" in text  # 00 did not run on smoke
 
 
 def test_rerun_reuses_checkpoints_and_cache(smoke_run):
