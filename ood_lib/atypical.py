@@ -8,8 +8,9 @@
 * Learning dynamics, from the per-epoch checkpoints of notebook 01: the epoch from which an image stays correctly
   classified to the end (``epochs + 1``: not learned), and its forgetting events (correct at one epoch, wrong at
   the next; Toneva et al., ICLR 2019).
-* The experiment: train the base recipe on the training set without its top-k atypical images, and without k
-  random images, with the logit detectors scored on the test sets after every epoch.
+* The experiment: train the base recipe on the training set without its top-k atypical images, without the top-k
+  atypical within each class (each class loses its share of k), and without k random images, with the logit
+  detectors scored on the test sets after every epoch.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from ood_lib.models import weights_digest
 from ood_lib.paths import cache_dir
 from ood_lib.train import load_epoch, train
 
-ARMS = {"no_atypical": "without the top-k atypical", "no_random": "without k random"}  # model names in metrics.csv
+ARMS = {"no_atypical": "without the top-k atypical", "no_atypical_per_class": "without the top-k atypical, per class",
+        "no_random": "without k random"}  # model names in metrics.csv
 
 
 @torch.no_grad()
@@ -90,6 +92,19 @@ def top_k(score: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores, sorted (ties broken by index)."""
     order = np.lexsort((np.arange(len(score)), -np.asarray(score)))
     return np.sort(order[:k])
+
+
+def top_k_per_class(score: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """The top-k by ``score`` with each class's share of k equal to its share of the images (largest remainders
+    first): atypical WITHIN each class, so that removing them does not remove a class."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = k * counts / counts.sum()
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[:k - take.sum()]:
+        take[i] += 1
+    picked = [np.flatnonzero(labels == c)[top_k(np.asarray(score)[labels == c], t)] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
 
 
 def random_k(n: int, k: int, seed: int) -> np.ndarray:

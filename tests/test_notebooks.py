@@ -80,8 +80,8 @@ def test_notebook_02_atypicality_and_the_experiment(smoke_run):
     m = m[m.notebook == "02"]
     logit = {"msp", "maxlogit", "energy"} & set(p.eval.detectors)
     ood = m[m.metric != "id_acc"]
-    assert set(ood.model) == {"no_atypical", "no_random"} and set(ood.detector) == logit
-    assert len(ood) == 2 * len(p.seeds) * p.train.epochs * len(logit) * len(p.data.ood_sets) * len(METRICS)
+    assert set(ood.model) == {"no_atypical", "no_atypical_per_class", "no_random"} and set(ood.detector) == logit
+    assert len(ood) == 3 * len(p.seeds) * p.train.epochs * len(logit) * len(p.data.ood_sets) * len(METRICS)
     per_seed = pd.read_csv(out / "results/smoke/02_atypicality_per_seed.csv")
     assert len(per_seed) == len(p.seeds) * p.data.train_size
     assert (per_seed.kl >= 0).all() and per_seed.learned_epoch.between(1, p.train.epochs + 1).all()
@@ -90,7 +90,7 @@ def test_notebook_02_atypicality_and_the_experiment(smoke_run):
     assert curve[curve.keep == 1.0].loss.nunique() == len(p.seeds)  # keep 1.0 masks nothing: one loss per model
     prov = json.loads((out / "results/smoke/provenance.json").read_text())["02"]
     removed = prov["removed"]
-    assert len(removed["no_atypical"]) == len(removed["no_random"]) == p.um.atypical_remove
+    assert {len(v) for v in removed.values()} == {p.um.atypical_remove} and len(removed) == 3
     # the removed atypical images are the top-k of the seed-mean KL
     kl = per_seed.groupby("image").kl.mean()
     assert set(removed["no_atypical"]) == set(kl.sort_values(ascending=False, kind="stable").index[:p.um.atypical_remove])

@@ -488,3 +488,18 @@ def test_estimate_gamma_is_reproducible_and_uses_every_mask_seed():
     assert a.values == b.values and a.seeds == (3, 4, 5, 6, 7)
     expected = [um.masked_loss(model, x, y, p.um.mask_keep, s, CPU, p.eval.batch_size, p.train) for s in a.seeds]
     assert list(a.values) == expected and len(set(a.values)) == 5
+
+
+def test_top_k_per_class_takes_each_class_share_of_its_own_top():
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    score = rng.random(100) + 10 * (labels == 2)  # class 2 dominates the global top-k
+    picked = atypical.top_k_per_class(score, labels, 10)
+    assert list(np.bincount(labels[picked], minlength=3)) == [5, 3, 2]
+    assert set(atypical.top_k(score, 10)) <= set(np.flatnonzero(labels == 2))  # what the global top-k would do
+    for c in range(3):  # within each class, the highest scores
+        members = np.flatnonzero(labels == c)
+        chosen = np.intersect1d(picked, members)
+        assert score[chosen].min() >= np.sort(score[members])[::-1][len(chosen) - 1]
+    odd = atypical.top_k_per_class(score, labels, 7)  # 3.5, 2.1, 1.4: the largest remainder gets the extra one
+    assert len(odd) == 7 and list(np.bincount(labels[odd], minlength=3)) == [4, 2, 1]
