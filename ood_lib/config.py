@@ -96,6 +96,7 @@ class UMConfig:
     atypical_remove: int = 1000       # k: the top-k atypical (or k random) training images left out (paper: 1000)
     gallery_size: int = 5             # images per class shown as most / least atypical
     gamma: float | None = None        # flood level; None = the mean over mask_seeds of the masked final model's loss
+    gamma_sweep: tuple[float, ...] = ()  # extra UM runs at these fixed flood levels: how much gamma matters
     epochs: int = 100                 # UM / UMAP schedule: from the final base model, SGD + cosine (paper: 100, 0.1)
     lr: float = 0.1
     umap_keep: float = 0.8            # UMAP keeps the top 80% |score| of every layer (prunes 20%)
@@ -234,6 +235,8 @@ def _validate_names(p: Profile) -> None:
     if len(set(u.mask_seeds)) < 5:
         raise ProfileError(f"profile {p.name!r}: um.mask_seeds needs at least 5 distinct seeds (gamma varies a lot "
                            f"from mask to mask), got {list(u.mask_seeds)}")
+    if any(g <= 0 for g in u.gamma_sweep):
+        raise ProfileError(f"profile {p.name!r}: um.gamma_sweep values must be positive, got {list(u.gamma_sweep)}")
     if u.gamma is not None and u.gamma <= 0:
         raise ProfileError(f"profile {p.name!r}: um.gamma must be positive or null (estimate it), got {u.gamma}")
     train_size = p.data.train_size

@@ -273,3 +273,26 @@ def model_bars(table: pd.DataFrame, metric: str = "fpr95", order: list[str] | No
     ax.legend(fontsize=7, ncols=min(3, len(order or table["model"].unique())))
     fig.tight_layout()
     return fig
+
+
+def gamma_curves(points: pd.DataFrame, reference: dict[str, dict[str, float]], detector: str):
+    """UM's final test metrics against its flood level gamma (log axis): ``points`` has columns gamma, seed,
+    fpr95, id_acc (fractions); each seed's estimated gamma is a marker of its own. ``reference`` maps a label
+    (e.g. "final base model") to {"fpr95": ..., "id_acc": ...}, drawn as horizontal lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.3))
+    sweep, estimated = points[~points["estimated"]], points[points["estimated"]]
+    for ax, metric in zip(axes, ("fpr95", "id_acc")):
+        curve = sweep.pivot_table(index="gamma", columns="seed", values=metric)
+        if len(curve):
+            _band(ax, curve, "UM, fixed gamma", PALETTE[0])
+            ax.plot(curve.index, 100 * curve.mean(axis=1), "o", color=PALETTE[0], ms=3)
+        ax.scatter(estimated["gamma"], 100 * estimated[metric], color=PALETTE[3], s=14, zorder=3,
+                   label="UM, estimated gamma (per seed)")
+        for i, (label, values) in enumerate(reference.items()):
+            ax.axhline(100 * values[metric], color=("0.3", "0.6")[i % 2], ls=("--", ":")[i % 2], lw=0.9, label=label)
+        ax.set(xscale="log", xlabel="flood level gamma", ylabel=METRIC_LABELS[metric])
+    axes[0].set_title(f"{detector}, mean over OOD sets")
+    axes[1].set_title("ID test accuracy")
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    return fig

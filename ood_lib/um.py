@@ -8,16 +8,19 @@
   mini-batch MEAN cross-entropy: descent while L > gamma, ascent while L < gamma (pitfall 6: not per sample).
 * UMAP: the same objective, but the final model's weights stay frozen (by default) and a per-layer top-k mask over
   learnable scores (``masking.add_score_masks``, keep ``um.umap_keep``) is trained; exported folded.
+* ``um_gamma<g>``: UM at each fixed flood level of ``um.gamma_sweep``, to show how much the choice of gamma matters.
 * ``ft_ce``: the same schedule with plain cross-entropy, a control that separates the flooding from the effect of
   simply training on (the official README's commands, taken literally, run this: pitfall 1).
 
 The schedule is SGD with the base recipe's momentum, weight decay, batch and augmentation, cosine from ``um.lr``
 over ``um.epochs`` epochs (the paper: 100 epochs at 0.1). Runs live in
-``<cache>/um/<hash of data, model, train, um>/<name>/seed<k>/`` and resume like any training run.
+``<cache>/um/<hash of data, model, train and the um fields they use>/<name>/seed<k>/`` and resume like any
+training run.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,12 +136,24 @@ def fine_tunes(profile: Profile) -> list[FineTune]:
     return [UM, UMAP] + ([FT_CE] if profile.um.ce_control else [])
 
 
+def at_gamma(gamma: float) -> FineTune:
+    """UM at a fixed flood level (``um.gamma_sweep``), named ``um_gamma<value>`` in metrics.csv."""
+    return FineTune(f"um_gamma{gamma:g}", flooded=True, masked=False)
+
+
 def schedule(profile: Profile) -> TrainConfig:
     return dataclasses.replace(profile.train, epochs=profile.um.epochs, lr=profile.um.lr)
 
 
+# The fields of the um section a fine-tuning run depends on (the others only shape notebook 02 or the sweep list).
+RUN_FIELDS = ("mask_keep", "mask_seeds", "gamma", "epochs", "lr", "umap_keep", "umap_train_weights")
+
+
 def run_dir(profile: Profile, seed: int, ft: FineTune) -> Path:
-    return cache_dir(profile.name) / "um" / profile.digest("data", "model", "train", "um") / ft.name / f"seed{seed}"
+    """``<cache>/um/<hash of data, model, train>-<hash of RUN_FIELDS>/<name>/seed<k>``."""
+    fields = json.dumps({f: getattr(profile.um, f) for f in RUN_FIELDS}, sort_keys=True)
+    key = f"{profile.digest('data', 'model', 'train')}-{hashlib.sha256(fields.encode()).hexdigest()[:8]}"
+    return cache_dir(profile.name) / "um" / key / ft.name / f"seed{seed}"
 
 
 def _check_gamma(directory: Path, gamma: float | None) -> None:

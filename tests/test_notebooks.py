@@ -105,21 +105,26 @@ def test_notebook_03_gamma_um_umap(smoke_run):
     p = load_profile("smoke")
     m = pd.read_csv(out / "results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
     m = m[m.notebook == "03"]
-    assert set(m.model) == {"um", "umap", "ft_ce"}
+    sweep = {f"um_gamma{g:g}" for g in p.um.gamma_sweep}
+    assert sweep and set(m.model) == {"um", "umap", "ft_ce"} | sweep
     final = m[(m.epoch.astype(int) == p.um.epochs) & (m.metric != "id_acc")]
     per = final.groupby(["model", "seed", "detector", "ood_set"]).size()
     assert (per == len(METRICS)).all()
-    assert len(per) == 3 * len(p.seeds) * len(p.eval.detectors) * len(p.data.ood_sets)  # every detector, ODIN too
+    models = 3 + len(sweep)
+    assert len(per) == models * len(p.seeds) * len(p.eval.detectors) * len(p.data.ood_sets)  # every detector, ODIN too
     gamma = pd.read_csv(out / "results/smoke/03_gamma_per_mask.csv")
     assert len(gamma) == len(p.seeds) * len(p.um.mask_seeds) and (gamma.gamma > 0).all()
     history = pd.read_csv(out / "results/smoke/03_training_history.csv")
-    assert len(history) == 3 * len(p.seeds) * p.um.epochs
+    assert len(history) == models * len(p.seeds) * p.um.epochs
+    fixed = history[history.model.isin(sweep)].groupby("model").gamma.unique()
+    assert {f"um_gamma{g[0]:g}" for g in fixed} == sweep  # each sweep run used its own fixed gamma
     used = pd.read_csv(out / "results/smoke/03_gamma.csv").set_index("seed")["used"]
     um_gamma = history[history.model == "um"].groupby("seed").gamma.first()
     assert (um_gamma - used).abs().max() < 1e-12  # UM used the mean over masks of its own seed's gamma
     table = pd.read_csv(out / "results/smoke/03_um_comparison.csv")
     assert {"base, final", "base, OOD-val epoch", "base, oracle epoch", "UM", "UMAP"} <= set(table.model)
-    assert (out / "figures/smoke/03_fine_tuning_curves.png").exists()
+    for stem in ("03_fine_tuning_curves", "03_um_gamma_sensitivity", "03_um_vs_final_fpr95", "03_energy_roc_um"):
+        assert (out / f"figures/smoke/{stem}.png").exists()
     text = json.dumps(json.loads((out / "results/smoke/notebooks/03_unleashing_mask.ipynb").read_text()))
     assert "improve on the final model" in text
 
