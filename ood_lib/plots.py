@@ -14,6 +14,7 @@ from ood_lib.paths import figures_dir
 
 COLUMN_WIDTH = 3.4   # inches: one column of a two-column paper
 PALETTE = sns.color_palette("colorblind")
+DISTINCT = [PALETTE[i] for i in (0, 1, 2, 4, 7, 5, 3)]  # well separated, for a few curves in one panel
 METRIC_LABELS = {"fpr95": "FPR95 (%) ↓", "auroc": "AUROC (%) ↑", "aupr_in": "AUPR-In (%) ↑",
                  "aupr_out": "AUPR-Out (%) ↑", "fpr95_id": "FPR95-ID (%) ↓", "id_acc": "ID accuracy (%)"}
 
@@ -190,10 +191,10 @@ def arm_curves(curves: pd.DataFrame, labels: dict[str, str], metrics: tuple[str,
     columns arm, seed, epoch, metric, value (OOD metrics already averaged over the OOD sets)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(COLUMN_WIDTH * len(metrics), 2.3))
     for ax, metric in zip(axes, metrics):
-        for i, (arm, label) in enumerate(labels.items()):
+        for color, (arm, label) in zip(DISTINCT, labels.items()):
             d = curves[(curves["arm"] == arm) & (curves["metric"] == metric)]
             if len(d):
-                _band(ax, d.pivot_table(index="epoch", columns="seed", values="value"), label, PALETTE[i])
+                _band(ax, d.pivot_table(index="epoch", columns="seed", values="value"), label, color)
         ax.set(xlabel="epoch", ylabel=METRIC_LABELS.get(metric, metric))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -270,7 +271,8 @@ def model_bars(table: pd.DataFrame, metric: str = "fpr95", order: list[str] | No
     sns.barplot(data=table, x="detector", y=metric, hue="model", hue_order=order, errorbar="sd", ax=ax,
                 palette=PALETTE)
     ax.set(xlabel="", ylabel=METRIC_LABELS.get(metric, metric))
-    ax.legend(fontsize=7, ncols=min(3, len(order or table["model"].unique())))
+    ax.legend(fontsize=6, ncols=min(4, len(order or table["model"].unique())), loc="upper center",
+              bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -294,5 +296,20 @@ def gamma_curves(points: pd.DataFrame, reference: dict[str, dict[str, float]], d
     axes[0].set_title(f"{detector}, mean over OOD sets")
     axes[1].set_title("ID test accuracy")
     axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def ablation_bars(abl: pd.DataFrame, parts: list[str]):
+    """LINe's ablation: mean-over-OOD FPR95 (%) of every on/off combination of its ``parts`` (boolean columns of
+    ``abl``; short names are the parentheses of the column names), one bar per model, mean ± std over seeds."""
+    short = {p: p[p.find("(") + 1:p.find(")")] if "(" in p else p for p in parts}
+    d = abl.assign(parts=abl[parts].apply(lambda r: "+".join(short[p] for p in parts if r[p]) or "none (energy)",
+                                          axis=1), fpr95=100 * abl["fpr95"])
+    order = list(dict.fromkeys(d.sort_values(parts, key=lambda c: c.astype(int))["parts"]))
+    fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 2.3))
+    sns.barplot(data=d, x="parts", y="fpr95", hue="model", order=order, errorbar="sd", ax=ax, palette=PALETTE)
+    ax.set(xlabel="parts of LINe switched on", ylabel=METRIC_LABELS["fpr95"], title="LINe ablation")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

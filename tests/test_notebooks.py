@@ -69,7 +69,7 @@ def test_notebook_04_compares_line_with_every_detector(smoke_run):
     abl = abl[abl.model == "base"]
     clip_only = abl[(abl["clip (AC)"]) & (~abl["activation pruning (AP)"]) & (~abl["weight pruning (WP)"])]
     assert clip_only.fpr95.mean() == pytest.approx(react, abs=1e-9)
-    for stem in ("04_detectors_fpr95", "04_line_sensitivity"):
+    for stem in ("04_detectors_fpr95", "04_line_sensitivity", "04_line_ablation"):
         assert (out / f"figures/smoke/{stem}.png").exists()
 
 
