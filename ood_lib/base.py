@@ -174,17 +174,21 @@ def logit_detectors(profile: Profile) -> tuple[str, ...]:
 
 
 def epoch_scorer(profile: Profile, data: StudyData, cache: FeatureCache, device: torch.device,
-                 detectors: tuple[str, ...]) -> Callable[[int, torch.nn.Module], dict]:
-    """An ``on_epoch_end`` for ``train``: scores the test sets with ``detectors`` into the cache and returns the
-    two numbers the training log prints (ID test accuracy, mean test FPR95 of the selection detector)."""
+                 detectors: tuple[str, ...], sets: list[EvalSet] | None = None) -> Callable[[int, torch.nn.Module], dict]:
+    """An ``on_epoch_end`` for ``train``: scores ``sets`` (default: the test sets) with ``detectors`` into the cache
+    and returns the weights digest and the two numbers the training log prints (ID test accuracy, mean test FPR95
+    of the selection detector)."""
+    sets = test_sets(data) if sets is None else sets
+
     def on_epoch_end(epoch: int, m: torch.nn.Module) -> dict:
         t0 = time.perf_counter()
-        scored = score_sets(profile, m, weights_digest(m), test_sets(data), cache, device, detectors)
+        digest = weights_digest(m)
+        scored = score_sets(profile, m, digest, sets, cache, device, detectors)
         sel = profile.eval.selection_detector
         id_test = scored[(data.id_test.name, "test")]
         fpr = [metrics.fpr95(id_test["scores"][sel], scored[(name, "test")]["scores"][sel])
                for name in data.ood_test if sel in id_test["scores"]]
-        return {"eval_seconds": time.perf_counter() - t0,
+        return {"digest": digest, "eval_seconds": time.perf_counter() - t0,
                 "log_test_acc": metrics.accuracy(id_test["logits"], id_test["labels"]),
                 f"log_{sel}_fpr95": float(np.mean(fpr)) if fpr else float("nan")}
     return on_epoch_end
@@ -213,21 +217,7 @@ def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str]
         torch.set_num_threads(profile.threads)
     torch.manual_seed(seed)
     model = build_model(profile, data)
-    cache = feature_cache(profile)
-    sets = all_sets(data)
-
-    def on_epoch_end(epoch: int, m: torch.nn.Module) -> dict:
-        t0 = time.perf_counter()
-        digest = weights_digest(m)
-        scored = score_sets(profile, m, digest, sets, cache, device)  # fills the cache; evaluate_run reads it
-        sel = profile.eval.selection_detector
-        id_test = scored[(data.id_test.name, "test")]
-        fpr = [metrics.fpr95(id_test["scores"][sel], scored[(name, "test")]["scores"][sel])
-               for name in data.ood_test if sel in id_test["scores"]]
-        return {"digest": digest, "eval_seconds": time.perf_counter() - t0,
-                "log_test_acc": metrics.accuracy(id_test["logits"], id_test["labels"]),
-                f"log_{sel}_fpr95": float(np.mean(fpr)) if fpr else float("nan")}
-
+    on_epoch_end = epoch_scorer(profile, data, feature_cache(profile), device, profile.eval.detectors, all_sets(data))
     history = train(model, data.train_images, data.train_labels, profile.train, seed, run_dir(profile, seed),
                     device, on_epoch_end=on_epoch_end, log=log)
     return pd.DataFrame(history).assign(seed=seed)
