@@ -130,3 +130,15 @@ def best_epoch_of_mean(rows: pd.DataFrame, detector: str, metric: str = "fpr95")
     curve = c.groupby("epoch")["value"].mean()
     return int(curve.idxmin() if metric.startswith("fpr") else curve.idxmax())
 
+
+
+def chosen_epochs(results: pd.DataFrame, detector: str) -> pd.DataFrame:
+    """Seed × rule table of the epochs picked with ``detector`` (``results``: ``selection_results``, e.g. read
+    back from ``01_epoch_selection.csv``)."""
+    return results[results["detector"] == detector].pivot(index="seed", columns="rule", values="epoch").astype(int)
+
+
+def rows_at(rows: pd.DataFrame, epochs: pd.Series) -> pd.DataFrame:
+    """The rows of each seed at that seed's epoch (``epochs``: seed -> epoch); seeds not in ``epochs`` drop out."""
+    epoch = pd.to_numeric(rows["epoch"], errors="coerce")
+    return rows[epoch == rows["seed"].map(epochs)]

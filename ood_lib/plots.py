@@ -128,7 +128,7 @@ def loss_vs_mask(curve: pd.DataFrame, mark: float | None = None):
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.3))
     c = curve.assign(run=curve["seed"].astype(str) + "/" + curve["mask_seed"].astype(str), pct=100 * curve["masked"])
     _band(ax, c.pivot_table(index="pct", columns="run", values="loss"), "masked model", PALETTE[0], scale=1.0)
-    for i, (seed, g) in enumerate(c.groupby("seed")):
+    for _, g in c.groupby("seed"):
         m = g.groupby("pct")["loss"].mean()
         ax.plot(m.index, m.values, color=PALETTE[0], lw=0.6, alpha=0.6, ls=":")
     if mark is not None:
