@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ood_lib.ash import (ASH_PERCENTILE, ASH_SITE, SITE_MAP, SITE_POOLED, ash_from_features, ash_prune,
-                         ash_score_table, ash_scores, kept_count)
+from ood_lib.ash import (ASH_PERCENTILE, ASH_SITE, ASH_VARIANTS, SITE_MAP, SITE_POOLED, ash_from_features, ash_prune,
+                         ash_score_table, ash_scores, kept_count, percentile_of)
 from ood_lib.detectors import energy
 from ood_lib.features import FeatureCache, Preprocess
 from ood_lib.models import resnet_small, weights_digest
@@ -105,11 +105,33 @@ def test_pooled_site_is_a_function_of_the_cached_features(tmp_path):
     with torch.no_grad():
         feats = model.features(images.float() / 255).numpy()
     w, b = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
-    assert ASH_SITE == SITE_POOLED and ASH_PERCENTILE == 90
+    assert ASH_SITE == SITE_POOLED
     for variant in ("ash_p", "ash_b", "ash_s"):
         np.testing.assert_allclose(ash_from_features(feats, w, b, variant),
                                    ash_scores(FeatureCache(tmp_path), model, "w", images, "sum", Preprocess(12, 1),
                                               CPU, variant), rtol=1e-5, atol=1e-5)
+
+
+def test_each_variant_defaults_to_its_published_cifar10_percentile(tmp_path):
+    """ASH-P@90, ASH-B@90, ASH-S@95 (the paper's CIFAR-10 rows): the default of every entry point is the variant's
+    own value, checked against the per-sample reference at that percentile (and not at another one)."""
+    assert ASH_PERCENTILE == {"ash_p": 90.0, "ash_b": 90.0, "ash_s": 95.0} and set(ASH_PERCENTILE) == set(ASH_VARIANTS)
+    assert [percentile_of(v) for v in ("ash_p", "ash_b", "ash_s")] == [90.0, 90.0, 95.0]
+    assert percentile_of("ash_s", 65) == 65
+    with pytest.raises(ValueError):
+        percentile_of("ash_x")
+    rng = np.random.default_rng(1)
+    feats = rng.random((6, 40)) * (rng.random((6, 40)) > 0.2)
+    w, b = rng.normal(size=(10, 40)), rng.normal(size=10)
+    for variant, p in (("ash_p", 90), ("ash_b", 90), ("ash_s", 95)):
+        ref = [energy((w @ _reference_shape(f, variant, p) + b)[None])[0] for f in feats]
+        np.testing.assert_allclose(ash_from_features(feats, w, b, variant), ref, rtol=1e-12)
+    other = [energy((w @ _reference_shape(f, "ash_s", 90) + b)[None])[0] for f in feats]
+    assert not np.allclose(ash_from_features(feats, w, b, "ash_s"), other)
+    model, images = _model_and_images()
+    got = ash_scores(FeatureCache(tmp_path), model, "w", images, "sum", Preprocess(12, 1), CPU, "ash_s")
+    np.testing.assert_allclose(got, _reference_model_scores(model, images, "ash_s", 95, SITE_POOLED),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_cached_table_equals_separate_calls_and_runs_one_pass(tmp_path, monkeypatch):
