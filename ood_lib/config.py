@@ -79,8 +79,8 @@ class LineConfig:
     sweep_p_a: tuple[float, ...] = (0.0, 10.0, 30.0, 50.0, 70.0, 80.0, 90.0, 95.0, 99.0)
     sweep_p_w: tuple[float, ...] = (0.0, 10.0, 30.0, 50.0, 70.0, 80.0, 90.0, 95.0, 99.0)
     sweep_tau_percentiles: tuple[float, ...] = (50.0, 70.0, 80.0, 90.0, 95.0, 99.0, 100.0)
-    baselines: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "rmds", "knn", "react", "dice", "vim",
-                                  "gradnorm", "gen")
+    baselines: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "rmds", "knn", "react", "react_1", "dice",
+                                  "vim", "gradnorm", "gen")
     ash: tuple[str, ...] = ("ash_p", "ash_b", "ash_s")
     pretrained: tuple[str, ...] | None = None  # checkpoints notebook 04 evaluates; None = every one in `pretrained`
 

@@ -13,10 +13,16 @@ parameters as keywords of the score function. ``features`` are the penultimate a
 
 Defaults are the papers' CIFAR settings unless noted:
 
-* ``mahalanobis``  Lee et al., NeurIPS 2018: penultimate layer, tied covariance, no input preprocessing.
+* ``mahalanobis``  Lee et al., NeurIPS 2018, single-layer variant: penultimate layer, tied covariance, no input
+                   preprocessing, no feature ensemble (OpenOOD v1.5's ``mds``). NOT the multi-layer, tuned
+                   baseline of the DICE / LINe / Unleashing Mask tables (docs/methods.md §5).
 * ``rmds``         Ren et al., 2021 (relative Mahalanobis): class MD minus the MD of one global Gaussian.
 * ``knn``          Sun et al., ICML 2022: L2-normalised features, distance to the k-th neighbour, k = 50.
 * ``react``        Sun et al., NeurIPS 2021: clip at the 90th percentile of ID training activations, energy.
+* ``react_1``      the same score clipped at the fixed value c = 1.0, the threshold of the LINe and Unleashing
+                   Mask code on CIFAR (LINe ``demo-cifar.sh``; UM ``args.py``, react-threshold 1.0). On a network
+                   whose activations are small the percentile rule clips far lower (0.40 on the DICE DenseNet,
+                   97.7% FPR95 there), so both are reported (docs/methods.md §4).
 * ``dice``         Sun & Li, ECCV 2022: keep the weight contributions above their 90th percentile, energy.
 * ``vim``          Wang et al., CVPR 2022: energy minus alpha times the residual norm off the principal subspace.
 * ``gradnorm``     Huang et al., NeurIPS 2021: L1 norm of the head-weight gradient of KL(u || softmax), T = 1.
@@ -42,6 +48,7 @@ from ood_lib import detectors
 # Defaults (the papers' CIFAR settings)
 KNN_K = 50                    # Sun et al. 2022, CIFAR-10 (the paper uses 1000 on ImageNet)
 REACT_PERCENTILE = 90.0       # Sun et al. 2021: clip at the 90th percentile of ID activations
+REACT_THRESHOLD = 1.0         # react_1: the fixed clip of the LINe / Unleashing Mask CIFAR code
 DICE_PERCENTILE = 90.0        # Sun & Li 2022, CIFAR: sparsity p = 0.9 (ImageNet: 0.7)
 GEN_GAMMA = 0.1               # Liu et al. 2023
 GEN_M = 100                   # Liu et al. 2023 (ImageNet); capped at the number of classes
@@ -209,7 +216,7 @@ def energy(features, logits, head=None, stats=None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Mahalanobis (Lee et al., NeurIPS 2018)
+# Mahalanobis (Lee et al., NeurIPS 2018), single-layer variant (OpenOOD's MDS)
 @dataclass(frozen=True)
 class MahalanobisStats:
     center: np.ndarray   # (D,) global training mean, subtracted first (keeps the whitened values small)
@@ -231,8 +238,11 @@ def fit_mahalanobis(train: TrainSet, head: Head) -> MahalanobisStats:
 
 
 def mahalanobis(features, logits, head, stats: MahalanobisStats) -> np.ndarray:
-    """-min_c (h - mu_c)^T Sigma^-1 (h - mu_c) (Lee et al., NeurIPS 2018): the penultimate layer only,
-    no input preprocessing and no feature ensemble (the paper's "vanilla" setting)."""
+    """-min_c (h - mu_c)^T Sigma^-1 (h - mu_c), the confidence score M(x) of Lee et al. (NeurIPS 2018, Sec. 2) in
+    its single-layer variant: the penultimate layer only, no input preprocessing and no feature ensemble
+    (OpenOOD v1.5's ``mds``). The Mahalanobis rows of the DICE / LINe / Unleashing Mask tables are the paper's
+    full detector instead: several layers, input preprocessing and a logistic-regression combination tuned on
+    held-out data (docs/methods.md §5)."""
     return -_sq_distances(features, stats.center, stats.whiten, stats.means_w).min(1)
 
 
@@ -330,13 +340,18 @@ def knn(features, logits, head, stats: KNNStats) -> np.ndarray:
 @dataclass(frozen=True)
 class ReActStats:
     threshold: float
-    percentile: float
+    percentile: float | None  # the percentile the threshold came from; None for a fixed threshold
 
 
 def fit_react(train: TrainSet, head: Head, percentile: float = REACT_PERCENTILE) -> ReActStats:
     """The clipping threshold c: the p-th percentile of ALL penultimate activations of the ID training set,
     every unit of every image pooled (Sun et al., NeurIPS 2021; p = 90)."""
     return ReActStats(_percentile(train.features, percentile), float(percentile))
+
+
+def fit_react_fixed(train: TrainSet, head: Head, threshold: float = REACT_THRESHOLD) -> ReActStats:
+    """A fixed clipping threshold c (``react_1``: c = 1.0), whatever the training activations."""
+    return ReActStats(float(threshold), None)
 
 
 def react(features, logits, head: Head, stats: ReActStats) -> np.ndarray:
@@ -486,10 +501,13 @@ POSTHOC: dict[str, PostHoc] = {p.name: p for p in [
     PostHoc("msp", None, msp, "Hendrycks & Gimpel, ICLR 2017"),
     PostHoc("maxlogit", None, maxlogit, "Hendrycks et al., ICML 2022"),
     PostHoc("energy", None, energy, "Liu et al., NeurIPS 2020"),
-    PostHoc("mahalanobis", fit_mahalanobis, mahalanobis, "Lee et al., NeurIPS 2018"),
+    PostHoc("mahalanobis", fit_mahalanobis, mahalanobis,
+            "Lee et al., NeurIPS 2018, single layer, no input preprocessing (OpenOOD's MDS)"),
     PostHoc("rmds", fit_rmds, rmds, "Ren et al., arXiv 2021"),
     PostHoc("knn", functools.partial(fit_knn, k=KNN_K), knn, "Sun et al., ICML 2022"),
     PostHoc("react", functools.partial(fit_react, percentile=REACT_PERCENTILE), react, "Sun et al., NeurIPS 2021"),
+    PostHoc("react_1", functools.partial(fit_react_fixed, threshold=REACT_THRESHOLD), react,
+            "Sun et al., NeurIPS 2021, clipped at 1.0 as in the LINe / Unleashing Mask CIFAR code"),
     PostHoc("dice", functools.partial(fit_dice, percentile=DICE_PERCENTILE), dice, "Sun & Li, ECCV 2022"),
     PostHoc("vim", functools.partial(fit_vim, dim=None), vim, "Wang et al., CVPR 2022"),
     PostHoc("gradnorm", None, functools.partial(gradnorm, temperature=GRADNORM_TEMPERATURE),

@@ -16,7 +16,8 @@ from ood_lib import detectors, metrics
 from ood_lib import posthoc as ph
 from ood_lib.models import resnet_small
 
-NAMES = {"msp", "maxlogit", "energy", "mahalanobis", "rmds", "knn", "react", "dice", "vim", "gradnorm", "gen"}
+NAMES = {"msp", "maxlogit", "energy", "mahalanobis", "rmds", "knn", "react", "react_1", "dice", "vim", "gradnorm",
+         "gen"}
 
 
 def _problem(seed=0, n=400, d=12, c=4, n_test=60):
@@ -209,6 +210,25 @@ def test_react_matches_numpy_percentile_and_energy():
     np.testing.assert_allclose(ph.react(test, z, head, stats), ref, rtol=1e-10)
     s85 = ph.fit_react(train, head, percentile=85)
     assert s85.threshold == pytest.approx(np.percentile(train.features.astype(np.float64), 85), rel=1e-12)
+
+
+def test_react_1_is_energy_of_features_clipped_at_one():
+    """react_1: logsumexp of the head on min(h, 1.0), whatever the training activations; it differs from react's
+    percentile rule when the 90th percentile is not 1.0."""
+    train, head, test, z = _problem(seed=6)
+    det = ph.POSTHOC["react_1"]
+    stats = det.fit(train, head)
+    assert stats.threshold == 1.0 and stats.percentile is None
+    h = test.astype(np.float64)
+    ref = [logsumexp([sum(head.weight[k, j] * min(h[i, j], 1.0) for j in range(h.shape[1])) + head.bias[k]
+                      for k in range(head.weight.shape[0])]) for i in range(len(h))]
+    np.testing.assert_allclose(det.score(test, z, head, stats), ref, rtol=1e-10)
+    assert (test > 1.0).any() and (test < 1.0).any()  # the clip is active and not everything is clipped
+    shifted = ph.TrainSet(train.features * 5, train.logits, train.labels)
+    assert det.fit(shifted, head).threshold == 1.0  # fixed: the fit ignores the training activations
+    assert ph.fit_react(train, head).threshold != pytest.approx(1.0, abs=0.05)
+    react = ph.fit_and_score("react", train, head, {"t": (test, z)})["t"]
+    assert np.abs(det.score(test, z, head, stats) - react).max() > 0.1
 
 
 def test_dice_matches_loops():
