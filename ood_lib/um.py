@@ -1,19 +1,24 @@
-"""Unleashing Mask (Zhu et al., ICML 2023; research/unleashing_mask.md §3): the loss constraint gamma, UM and UMAP.
+"""Unleashing Mask (Zhu et al., ICML 2023, arXiv 2306.03715; official code github.com/tmlr-group/Unleashing-Mask):
+the loss constraint gamma, UM and UMAP. What the study takes from the paper and the code: docs/methods.md §1.
 
 * gamma: the mean training cross-entropy of the FINAL model with a random ``um.mask_keep`` mask (0.965: 3.5% of
-  every conv/linear layer zeroed), in eval mode, over the training images with their training augmentation. It
-  varies from mask to mask, so it is estimated over ``um.mask_seeds`` and the value used is a visible choice:
-  ``um.gamma`` when set, else the mean of the estimates (of that seed's final model).
-* UM: fine-tune the final model on the flooding objective |L - gamma| + gamma (Ishida et al., 2020), L the
-  mini-batch MEAN cross-entropy: descent while L > gamma, ascent while L < gamma (pitfall 6: not per sample).
+  every conv/linear layer zeroed), in eval mode, over the training images with their training augmentation (the
+  official ``estimate_loss.py`` with ``configs/estimate_loss/estimate_loss_cifar10.yaml``). It varies from mask to
+  mask, so it is estimated over ``um.mask_seeds`` and the value used is a visible choice: ``um.gamma`` when set,
+  else the mean of the estimates (of that seed's final model).
+* UM: fine-tune the final model on the flooding objective |L - gamma| + gamma (flooding, Ishida et al., ICML 2020:
+  |J - b| + b at flood level b = gamma), L the mini-batch MEAN cross-entropy (the official ``utils/custom_loss.py``):
+  descent while L > gamma, ascent while L < gamma; flooding each sample separately would be another method.
 * UMAP: the same objective, but the final model's weights stay frozen (by default) and a per-layer top-k mask over
-  learnable scores (``masking.add_score_masks``, keep ``um.umap_keep``) is trained; exported folded.
+  learnable scores (``masking.add_score_masks``, keep ``um.umap_keep``) is trained; exported folded. Its initial
+  scores come from their own seed stream (``umap_score_seed``), never from one of gamma's mask seeds.
 * ``um_gamma<g>``: UM at each fixed flood level of ``um.gamma_sweep``, to show how much the choice of gamma matters.
 * ``ft_ce``: the same schedule with plain cross-entropy, a control that separates the flooding from the effect of
-  simply training on (the official README's commands, taken literally, run this: pitfall 1).
+  simply training on. The official README's commands, taken literally, run this: its configs set
+  ``criterion: CrossEntropyLoss``, and the UM loss is only used for another criterion (docs/methods.md §1.5).
 
 The schedule is SGD with the base recipe's momentum, weight decay, batch and augmentation, cosine from ``um.lr``
-over ``um.epochs`` epochs (the paper: 100 epochs at 0.1). Runs live in
+over ``um.epochs`` epochs (the official configs: 100 epochs at 0.1). Runs live in
 ``<cache>/um/<hash of data, model, train and the um fields they use>/<name>/seed<k>/`` and resume like any
 training run.
 """
@@ -88,22 +93,53 @@ class Gamma:
 def estimate_gamma(profile: Profile, data: base.StudyData, model: torch.nn.Module,
                    device: torch.device) -> Gamma:
     """gamma of one final model: ``masked_loss`` over the training images with the training augmentation, for
-    every seed of ``um.mask_seeds`` (research notes §3.1)."""
+    every seed of ``um.mask_seeds`` (docs/methods.md §1.2)."""
     u = profile.um
     values = tuple(masked_loss(model, data.train_images, data.train_labels, u.mask_keep, s, device,
                                profile.eval.batch_size, profile.train) for s in u.mask_seeds)
     return Gamma(u.mask_keep, tuple(u.mask_seeds), values, u.gamma)
 
 
+def stratified_subset(labels, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified random subset of ``n`` images (None or >= all: every index).
+
+    Each class gets its share of n in proportion to its count (floor of the quota, then the largest remainders,
+    ties to the lower class), drawn uniformly without replacement within the class from
+    ``np.random.default_rng(seed)``. The first n of a class-ordered source (the CIFAR-10 archive) would be one or two
+    classes; this is not."""
+    y = np.asarray(labels).ravel()
+    if n is None or n >= len(y):
+        return np.arange(len(y))
+    if n < 0:
+        raise ValueError(f"subset size must be >= 0, got {n}")
+    classes, counts = np.unique(y, return_counts=True)
+    quota = n * counts / counts.sum()
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[:n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(y == c), size=t, replace=False) for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
 def loss_curve(profile: Profile, data: base.StudyData, model: torch.nn.Module, device: torch.device,
                images: int | None = None) -> pd.DataFrame:
     """The masked model's mean training loss at every ``um.curve_keep`` and mask seed (the paper's loss vs mask
-    ratio figure); ``images`` limits it to the first n training images."""
-    x, y = data.train_images[:images], data.train_labels[:images]
+    ratio figure, Fig. 3 of Zhu et al.); ``images``: a class-stratified subset of that many training images
+    (``stratified_subset`` seeded by ``data.split_seed``), None = all."""
+    idx = torch.from_numpy(stratified_subset(data.train_labels.numpy(), images, profile.data.split_seed))
+    x, y = data.train_images[idx], data.train_labels[idx]
     rows = [{"keep": keep, "masked": 1 - keep, "mask_seed": s,
              "loss": masked_loss(model, x, y, keep, s, device, profile.eval.batch_size, profile.train)}
             for keep in profile.um.curve_keep for s in profile.um.mask_seeds]
     return pd.DataFrame(rows)
+
+
+def umap_score_seed(seed: int) -> int:
+    """The seed of UMAP's initial (random) scores for base seed ``seed``: the first 8 hex digits of
+    SHA-256("umap-scores/<seed>"), a 32-bit number. Gamma's random masks use the small seeds of ``um.mask_seeds``
+    (0..4); had UMAP used the base seed itself, the scores of base seed s would be the scores of gamma's mask s,
+    so gamma's 3.5% zeroed weights would be a subset of UMAP's initial 20% pruned ones."""
+    return int(hashlib.sha256(f"umap-scores/{seed}".encode()).hexdigest()[:8], 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,11 +153,13 @@ class FineTune:
     masked: bool    # UMAP: learnable top-k masks over (frozen) weights, folded on export
 
     def start(self, profile: Profile, data: base.StudyData, seed: int) -> tuple[torch.nn.Module, list | None]:
-        """The final base model of ``seed``, set up for this fine-tuning; and the parameters to optimise."""
+        """The final base model of ``seed``, set up for this fine-tuning; and the parameters to optimise. UMAP's
+        initial scores are seeded by ``umap_score_seed(seed)``, a stream of their own."""
         model = base.load_base(profile, data, seed).train()
         if not self.masked:
             return model, None
-        return model, masking.add_score_masks(model, profile.um.umap_keep, seed, profile.um.umap_train_weights)
+        return model, masking.add_score_masks(model, profile.um.umap_keep, umap_score_seed(seed),
+                                              profile.um.umap_train_weights)
 
     def export(self, model: torch.nn.Module) -> torch.nn.Module:
         return masking.fold(model) if self.masked else model

@@ -503,3 +503,72 @@ def test_top_k_per_class_takes_each_class_share_of_its_own_top():
         assert score[chosen].min() >= np.sort(score[members])[::-1][len(chosen) - 1]
     odd = atypical.top_k_per_class(score, labels, 7)  # 3.5, 2.1, 1.4: the largest remainder gets the extra one
     assert len(odd) == 7 and list(np.bincount(labels[odd], minlength=3)) == [4, 2, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. The loss curve's class-stratified subset, and UMAP's own seed stream
+
+
+def test_stratified_subset_of_a_class_ordered_source_covers_every_class():
+    labels = np.repeat(np.arange(10), 500)  # class-ordered, like the CIFAR-10 archive: the first 1,000 are 0 and 1
+    idx = um.stratified_subset(labels, 1000, seed=3)
+    assert list(np.bincount(labels[idx], minlength=10)) == [100] * 10
+    assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < len(labels)  # sorted, distinct, in range
+    assert np.array_equal(idx, um.stratified_subset(labels, 1000, seed=3))          # reproducible
+    assert not np.array_equal(idx, um.stratified_subset(labels, 1000, seed=4))      # the seed matters
+    assert not np.array_equal(idx[:100], np.arange(100))                            # not the first of a class
+    assert np.array_equal(um.stratified_subset(labels, None, 0), np.arange(5000))
+    assert np.array_equal(um.stratified_subset(labels, 6000, 0), np.arange(5000))
+
+
+def test_stratified_subset_quotas_by_largest_remainder():
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    idx = um.stratified_subset(labels, 7, seed=0)  # quotas 3.5, 2.1, 1.4: floors 3, 2, 1, the extra one to class 0
+    assert list(np.bincount(labels[idx], minlength=3)) == [4, 2, 1]
+    idx = um.stratified_subset(labels[::-1], 10, seed=0)
+    assert list(np.bincount(labels[::-1][idx], minlength=3)) == [5, 3, 2]
+
+
+def test_loss_curve_averages_over_the_stratified_subset_of_a_class_ordered_source():
+    from types import SimpleNamespace
+    p = load_profile("smoke", {"um.curve_keep": [1.0, 0.8]})
+    x, _ = _images(40)
+    y = torch.arange(4).repeat_interleave(10)  # class-ordered: the first 8 images are all class 0
+    data = SimpleNamespace(train_images=x, train_labels=y)
+    model = _model().eval()
+    curve = um.loss_curve(p, data, model, CPU, images=8)
+    rng = np.random.default_rng(p.data.split_seed)  # 2 per class, drawn class after class from one generator
+    idx = np.sort(np.concatenate([rng.choice(np.arange(10 * c, 10 * c + 10), 2, replace=False) for c in range(4)]))
+    assert np.array_equal(um.stratified_subset(y.numpy(), 8, p.data.split_seed), idx)
+    xs, ys = x[torch.from_numpy(idx)], y[torch.from_numpy(idx)]
+    for row in curve.itertuples():
+        assert row.loss == um.masked_loss(model, xs, ys, row.keep, row.mask_seed, CPU, p.eval.batch_size, p.train)
+    first = um.masked_loss(model, x[:8], y[:8], 0.8, p.um.mask_seeds[0], CPU, p.eval.batch_size, p.train)
+    assert curve.loc[(curve.keep == 0.8) & (curve.mask_seed == p.um.mask_seeds[0]), "loss"].item() != first
+
+
+def test_umap_initial_scores_do_not_reuse_a_gamma_mask_seed(monkeypatch):
+    """Gamma zeroes the 3.5% smallest |score| of mask seed m; UMAP starts by pruning the 20% smallest |score| of its
+    own scores. With the same seed (the old behaviour) gamma's zeroed set is a subset of UMAP's pruned set; with
+    independent streams about 20% of gamma's zeroed weights fall in UMAP's pruned set."""
+    from types import SimpleNamespace
+    p = load_profile("smoke")
+    data = SimpleNamespace()
+    monkeypatch.setattr(um.base, "load_base", lambda profile, data, seed, epoch=None: _model(0))
+    seeds = (0, 1, 2, 3, 4)
+    assert not {um.umap_score_seed(s) for s in seeds} & (set(p.um.mask_seeds) | set(range(1000)))
+    assert len({um.umap_score_seed(s) for s in range(1000)}) == 1000
+    for s in seeds:
+        model, _ = um.UMAP.start(p, data, s)
+        pruned = masking.current_masks(model)  # 1 = kept by UMAP at step 0
+        for m in p.um.mask_seeds:
+            zeroed = masking.random_masks(_model(0), p.um.mask_keep, m)
+            inside = sum(float(((zeroed[k] == 0) & (pruned[k] == 0)).sum()) for k in zeroed)
+            total = sum(float((zeroed[k] == 0).sum()) for k in zeroed)
+            assert inside / total < 0.5, (s, m, inside / total)
+    # the check above does catch a shared seed: with the base seed itself, the zeroed set lies inside the pruned set
+    old = _model(0)
+    masking.add_score_masks(old, p.um.umap_keep, 0)
+    zeroed = masking.random_masks(_model(0), p.um.mask_keep, 0)
+    kept = masking.current_masks(old)
+    assert all(bool((kept[k][zeroed[k] == 0] == 0).all()) for k in zeroed)
