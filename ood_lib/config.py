@@ -3,6 +3,12 @@
 Every field and its default is visible below. A key the dataclasses do not know, a wrong type or an unknown
 name (profile, dataset, architecture, detector) raises ``ProfileError`` that lists the allowed names, before
 any work starts. ``load_profile(name, overrides)`` also takes dotted overrides such as ``{"train.epochs": 3}``.
+
+Values are checked at load time too, so that nothing fails late: distinct seeds; an ID set with train and test
+splits that is not also an OOD set; positive learning rates and sizes, within the splits where the dataset
+registry knows their sizes; ``model.options`` that build the architecture and run one forward pass at
+``data.input_size``; ``device: cuda`` only where torch sees a CUDA device. Each ``ProfileError`` is one
+paragraph: the profile, the parameter, its value, what is allowed.
 """
 from __future__ import annotations
 
@@ -182,24 +188,58 @@ def _build(cls, values, where: str):
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise ProfileError(f"{where}: unknown parameter(s) {unknown}; allowed: {allowed}")
+        raise ProfileError(f"{where or 'top level'}: unknown parameter(s) {unknown}; allowed: {allowed}")
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()})
 
 
-def _apply_overrides(raw: dict, overrides: dict) -> dict:
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else tp
+    return tp
+
+
+def _check_override_key(dotted: str, profile: str) -> None:
+    """Every key of ``dotted`` must name a field (free keys only below a mapping such as ``model.options``)."""
+    cls, path = Profile, []
+    for k in dotted.split("."):
+        if cls is dict:
+            return
+        if cls is None or not dataclasses.is_dataclass(cls):
+            raise ProfileError(f"profile {profile!r}: override {dotted!r}: {'.'.join(path)} is a value, not a "
+                               f"section, so it has no parameter {k!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        if k not in allowed:
+            where = ".".join(path) or "the top level"
+            raise ProfileError(f"profile {profile!r}: override {dotted!r}: {where}: unknown parameter(s) [{k!r}]; "
+                               f"allowed: {allowed}")
+        tp = _unwrap_optional(typing.get_type_hints(cls)[k])
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+        elif tp is dict or typing.get_origin(tp) is dict:
+            cls = dict
+        else:
+            cls = None
+        path.append(k)
+
+
+def _apply_overrides(raw: dict, overrides: dict, profile: str = "") -> dict:
     raw = json.loads(json.dumps(raw))  # deep copy of plain YAML data
     for dotted, value in overrides.items():
+        _check_override_key(dotted, profile)
         keys = dotted.split(".")
         node = raw
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ProfileError(f"override {dotted!r}: {k!r} is not a section")
+                raise ProfileError(f"profile {profile!r}: override {dotted!r}: {k!r} is not a section in the profile "
+                                   f"file, so it has no parameter {keys[-1]!r}")
         node[keys[-1]] = value
     return raw
 
 
 def _validate_names(p: Profile) -> None:
+    """Every name must be known and every value usable (module docstring); raises ``ProfileError``."""
     from ood_lib.ash import ASH_VARIANTS
     from ood_lib.data import DATASETS
     from ood_lib.detectors import DETECTORS
@@ -224,9 +264,108 @@ def _validate_names(p: Profile) -> None:
         check("ASH variant", a, ASH_VARIANTS)
     for m in p.line.pretrained or ():
         check("pretrained model of this profile", m, p.pretrained)
-    for name, v in [("line.p_a", p.line.p_a), ("line.p_w", p.line.p_w), ("line.tau_percentile", p.line.tau_percentile)]:
+    check("device", p.device, DEVICES)
+    for nb in p.notebooks:
+        check("notebook", nb, NOTEBOOKS)
+    _validate_values(p, DATASETS)
+    _validate_model(p, ARCHITECTURES, DATASETS)
+
+
+def _validate_values(p: Profile, datasets: dict) -> None:
+    def bad(param: str, value, allowed: str):
+        raise ProfileError(f"profile {p.name!r}: {param} must be {allowed}, got {value!r}")
+
+    # seeds, device, threads
+    if not p.seeds:
+        raise ProfileError(f"profile {p.name!r}: seeds must list at least one seed")
+    if len(set(p.seeds)) != len(p.seeds):
+        bad("seeds", list(p.seeds), "distinct (each seed is one training run: a repeated seed repeats a run and "
+                                    "counts it twice in every mean and spread)")
+    if p.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            bad("device", p.device, "'auto' or 'cpu' on this machine: torch sees no CUDA device here "
+                                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+    if p.threads is not None and p.threads < 1:
+        bad("threads", p.threads, "at least 1, or null (torch's default)")
+
+    # data: the sets
+    d = p.data
+    spec = datasets[d.id_set]
+    if len(set(d.ood_sets)) != len(d.ood_sets):
+        bad("data.ood_sets", list(d.ood_sets), "a list of distinct sets")
+    if not d.ood_sets:
+        bad("data.ood_sets", list(d.ood_sets), "a list of at least one OOD set")
+    if "train" not in spec.splits or "test" not in spec.splits or spec.num_classes is None:
+        usable = sorted(n for n, s in datasets.items()
+                        if {"train", "test"} <= set(s.splits) and s.num_classes is not None)
+        bad("data.id_set", d.id_set, f"a labelled set with a train and a test split ({d.id_set} has the split(s) "
+                                     f"{', '.join(spec.splits)}{'' if spec.num_classes else ', no labels'}); "
+                                     f"allowed: {usable}")
+    if d.id_set in d.ood_sets:
+        bad("data.id_set", d.id_set, f"a set that is not also among data.ood_sets {list(d.ood_sets)} (a set cannot be "
+                                     f"in-distribution and out-of-distribution at once)")
+    if d.channels not in (1, 3):
+        bad("data.channels", d.channels, "1 or 3")
+
+    # data: the sizes, positive and within the splits where the registry knows them
+    for param, v, least, none in [("data.train_size", d.train_size, 1, "null (every image)"),
+                                  ("data.id_val_size", d.id_val_size, 1, None),
+                                  ("data.id_test_size", d.id_test_size, 1, "null (the whole split)"),
+                                  ("data.ood_size", d.ood_size, 2, "null (every image); it is halved into val and test"),
+                                  ("data.input_size", d.input_size, 1, None)]:
+        if v is not None and v < least:
+            bad(param, v, f"at least {least}" + (f", or {none}" if none else ""))
+    n_train = spec.counts.get("train")
+    if n_train is not None:
+        used = d.id_val_size + (d.train_size or 1)
+        if used > n_train:
+            what = ("data.train_size + data.id_val_size" if d.train_size is not None
+                    else "data.id_val_size (leaving at least one training image)")
+            bad(what, used, f"at most {n_train}, the images of {d.id_set}'s train split")
+    n_test = spec.counts.get("test")
+    if d.id_test_size is not None and n_test is not None and d.id_test_size > n_test:
+        bad("data.id_test_size", d.id_test_size, f"at most {n_test}, the images of {d.id_set}'s test split, or null")
+    if d.ood_size is not None:
+        for name in d.ood_sets:
+            n = datasets[name].counts.get(datasets[name].ood_split)
+            if n is not None and d.ood_size > n:
+                bad("data.ood_size", d.ood_size, f"at most {n}, the images of {name}'s "
+                                                 f"{datasets[name].ood_split} split (the smallest OOD set), or null")
+
+    # training and evaluation
+    t = p.train
+    for param, v in [("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
+                     ("eval.batch_size", p.eval.batch_size)]:
+        if v < 1:
+            raise ProfileError(f"profile {p.name!r}: {param} must be at least 1, got {v}")
+    if not t.lr > 0:
+        bad("train.lr", t.lr, "a positive learning rate")
+    if not 0 <= t.momentum < 1:
+        bad("train.momentum", t.momentum, "in [0, 1)")
+    if not t.weight_decay >= 0:
+        bad("train.weight_decay", t.weight_decay, "at least 0")
+    if t.crop_padding < 0:
+        bad("train.crop_padding", t.crop_padding, "at least 0 (0: no random crop)")
+    if not p.eval.odin_temperature > 0:
+        bad("eval.odin_temperature", p.eval.odin_temperature, "positive")
+    if not p.eval.odin_epsilon >= 0:
+        bad("eval.odin_epsilon", p.eval.odin_epsilon, "at least 0")
+
+    # line
+    ln = p.line
+    for name, v in [("line.p_a", ln.p_a), ("line.p_w", ln.p_w), ("line.tau_percentile", ln.tau_percentile)]:
         if not 0 <= v < 100 and not (name == "line.tau_percentile" and v == 100):
             raise ProfileError(f"profile {p.name!r}: {name} is a percentile in [0, 100), got {v}")
+    for name, values in [("line.sweep_p_a", ln.sweep_p_a), ("line.sweep_p_w", ln.sweep_p_w)]:
+        if any(not 0 <= v < 100 for v in values):
+            bad(name, list(values), "percentiles pruned, each in [0, 100)")
+    if any(not 0 < v <= 100 for v in ln.sweep_tau_percentiles):
+        bad("line.sweep_tau_percentiles", list(ln.sweep_tau_percentiles), "percentiles, each in (0, 100]")
+    if ln.tau is not None and not ln.tau > 0:
+        bad("line.tau", ln.tau, "a positive activation clip, or null (the tau_percentile rule)")
+
+    # um (after the data sizes, so that a bad data.train_size is named as such)
     u = p.um
     for name, v in [("um.mask_keep", u.mask_keep), ("um.umap_keep", u.umap_keep),
                     *((f"um.curve_keep[{i}]", k) for i, k in enumerate(u.curve_keep))]:
@@ -239,26 +378,55 @@ def _validate_names(p: Profile) -> None:
         raise ProfileError(f"profile {p.name!r}: um.gamma_sweep values must be positive, got {list(u.gamma_sweep)}")
     if u.gamma is not None and u.gamma <= 0:
         raise ProfileError(f"profile {p.name!r}: um.gamma must be positive or null (estimate it), got {u.gamma}")
-    train_size = p.data.train_size
+    train_size = d.train_size if d.train_size is not None else (None if n_train is None else n_train - d.id_val_size)
     if u.atypical_remove < 1 or (train_size is not None and u.atypical_remove >= train_size):
         raise ProfileError(f"profile {p.name!r}: um.atypical_remove must be in [1, data.train_size), "
-                           f"got {u.atypical_remove}")
+                           f"got {u.atypical_remove}" + (f" (data.train_size: {train_size})" if train_size else ""))
     for name, v in [("um.epochs", u.epochs), ("um.gallery_size", u.gallery_size)]:
         if v < 1:
             raise ProfileError(f"profile {p.name!r}: {name} must be at least 1, got {v}")
-    if u.lr <= 0:
+    if u.curve_images is not None and u.curve_images < 1:
+        bad("um.curve_images", u.curve_images, "at least 1, or null (every training image)")
+    if not u.lr > 0:
         raise ProfileError(f"profile {p.name!r}: um.lr must be positive, got {u.lr}")
-    check("device", p.device, DEVICES)
-    for nb in p.notebooks:
-        check("notebook", nb, NOTEBOOKS)
-    if p.data.channels not in (1, 3):
-        raise ProfileError(f"profile {p.name!r}: data.channels must be 1 or 3, got {p.data.channels}")
-    if not p.seeds:
-        raise ProfileError(f"profile {p.name!r}: seeds must list at least one seed")
-    for name, v in [("train.epochs", p.train.epochs), ("train.batch_size", p.train.batch_size),
-                    ("eval.batch_size", p.eval.batch_size)]:
-        if v < 1:
-            raise ProfileError(f"profile {p.name!r}: {name} must be at least 1, got {v}")
+
+
+_MODEL_CHECKS: dict[str, str | None] = {}   # arguments (JSON) -> the error they gave, or None
+
+
+def _validate_model(p: Profile, architectures: dict, datasets: dict) -> None:
+    """Build ``model.arch`` with ``model.options`` as ``base.build_model`` does and run one image of
+    ``data.input_size`` through it (eval mode, global RNG untouched); any error is a ProfileError."""
+    import inspect
+
+    import torch
+
+    c, size = p.data.channels, p.data.input_size
+    num_classes = datasets[p.data.id_set].num_classes
+    options = {"mean": (0.5,) * c, "std": (0.25,) * c, **p.model.options}
+    if isinstance(options.get("blocks"), list):
+        options["blocks"] = tuple(options["blocks"])
+    key = json.dumps([p.model.arch, num_classes, c, size, options], sort_keys=True, default=str)
+    if key not in _MODEL_CHECKS:
+        error = None
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                model = architectures[p.model.arch](num_classes=num_classes, in_channels=c, **options).eval()
+                out = model(torch.zeros(1, c, size, size))
+            if tuple(out.shape) != (1, num_classes):
+                error = f"the model's output has shape {tuple(out.shape)}, expected (1, {num_classes})"
+        except Exception as e:  # whatever the constructor or the forward pass raises
+            error = f"{type(e).__name__}: {e}".strip()
+        _MODEL_CHECKS[key] = error
+    error = _MODEL_CHECKS[key]
+    if error:
+        builder = architectures[p.model.arch]
+        raise ProfileError(
+            f"profile {p.name!r}: model.options must build a {p.model.arch} for {c}-channel {size}x{size} inputs "
+            f"(data.channels, data.input_size) and {num_classes} classes, got {dict(p.model.options)!r}, which "
+            f"fails with {error.splitlines()[0][:300]}. Allowed: keyword arguments of "
+            f"ood_lib.models.{getattr(builder, '__name__', p.model.arch)}{inspect.signature(builder)} with usable "
+            f"values (num_classes and in_channels come from the data)")
 
 
 def load_profile(name: str, overrides: dict | None = None, config_dir: Path | None = None) -> Profile:
@@ -269,10 +437,15 @@ def load_profile(name: str, overrides: dict | None = None, config_dir: Path | No
         allowed = sorted(p.stem for p in config_dir.glob("*.yaml"))
         raise ProfileError(f"unknown profile {name!r}; allowed: {allowed}")
     raw = yaml.safe_load(path.read_text()) or {}
-    raw = _apply_overrides(raw, overrides or {})
     if "name" in raw:
         raise ProfileError(f"{path}: 'name' is taken from the file name; remove it")
-    profile = _build(Profile, {"name": name, **raw}, "")
+    raw = _apply_overrides(raw, overrides or {}, name)
+    if "name" in raw:
+        raise ProfileError(f"profile {name!r}: 'name' is taken from the file name and cannot be overridden")
+    try:
+        profile = _build(Profile, {"name": name, **raw}, "")
+    except ProfileError as e:
+        raise ProfileError(f"profile {name!r} ({path}): {e}") from None
     _validate_names(profile)
     return profile
 

@@ -3,11 +3,17 @@
 A cache entry is keyed by (model weights digest, dataset content checksum, preprocessing, extraction
 settings), so the same weights on the same images are never run twice, whichever notebook asks. Entries are
 ``.npz`` files written atomically under the cache folder. Every detector then runs from the cached arrays.
+
+An entry also stores ``__sha256__``: the SHA-256 over its arrays' names, dtypes, shapes and bytes. An entry that
+cannot be read back whole (truncated, bad zip CRC, zlib error, missing array, wrong shape or dtype, checksum
+mismatch) is never used: it is removed and recomputed, with a one-line ``warnings.warn`` naming the file.
+Entries written before the checksum existed are still used (the zip CRC checks their bytes).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 
 from ood_lib import detectors
 from ood_lib.atomic import atomic_write
+from ood_lib.results import note_work
 
 # ITU-R BT.601 luma weights, for colour images fed to a grayscale model.
 LUMA = (0.299, 0.587, 0.114)
@@ -69,17 +76,54 @@ class FeatureCache:
         path = self.path(parts)
         if path.exists():
             try:
-                with np.load(path) as z:
-                    out = {k: z[k] for k in z.files}
+                out = read_entry(path)
                 self.hits += 1
+                note_work("reused")
                 return out
-            except (OSError, ValueError, EOFError):  # a damaged entry is recomputed, never trusted
+            except Exception as e:  # a damaged entry is recomputed, never trusted
+                warnings.warn(f"feature cache entry {path} is damaged ({type(e).__name__}: {e}); "
+                              f"removed and recomputed", stacklevel=2)
                 path.unlink(missing_ok=True)
         out = compute()
         self.misses += 1
-        with atomic_write(path) as f:
-            np.savez(f, **out)
+        note_work("computed")
+        write_entry(path, out)
         return out
+
+
+CHECKSUM_KEY = "__sha256__"
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def write_entry(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` and their ``arrays_digest`` as one ``.npz``, written atomically."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    with atomic_write(path) as f:
+        np.savez(f, **arrays, **{CHECKSUM_KEY: np.array(arrays_digest(arrays))})
+
+
+def read_entry(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an entry, read whole and checked against the stored digest; raises on any damage."""
+    with np.load(path, allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files}
+    stored = out.pop(CHECKSUM_KEY, None)
+    if not out:
+        raise ValueError("no arrays in it")
+    if stored is not None:
+        found = arrays_digest(out)
+        if str(stored) != found:
+            raise ValueError(f"its arrays' SHA-256 is {found}, the stored one {stored} (arrays, shapes or dtypes "
+                             f"changed)")
+    return out
 
 
 def _batches(images: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool):

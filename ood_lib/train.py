@@ -6,11 +6,29 @@ in bf16 autocast with channels-last tensors. After every epoch the weights are w
 ``run_dir/epoch_NNN.pt`` and the resume state to ``run_dir/state.pt``, both atomically. Everything random in
 epoch e (batch order, crops, flips, dropout) is drawn from a generator seeded by (seed, e), so a run resumed
 after an interruption gives exactly the weights of an uninterrupted one.
+
+Checkpoint files carry their own checksum. PyTorch checks nothing on load (a flipped bit loads as a different
+weight), so every file ``save_checkpoint`` writes is one header line, then the bytes of ``torch.save``::
+
+    ood_lib-checkpoint sha256=<64 hex digits of the SHA-256 of the torch.save bytes that follow>\n
+    <torch.save bytes>
+
+One file holds both, so no crash between two writes can leave them disagreeing. ``read_checkpoint`` checks the
+digest on the bytes in memory and unpickles those same bytes only when it matches; ``load_epoch`` and the
+resume in ``train`` read through it. A damaged or truncated checkpoint stops with ``CheckpointDamaged``, naming
+the file and the way out: remove the run folder and train again (only the latest optimizer state is kept, in
+``state.pt``, so a run cannot restart at an earlier epoch exactly). Outside the library, read a file with
+``read_checkpoint(path)``; by hand: ``tail -c +92 epoch_001.pt | sha256sum`` gives the digest in its first
+line, and ``torch.load(io.BytesIO(data[91:]))`` its content. Files written before checksums existed (plain
+``torch.save`` zip files) still load, with a warning that they are unchecked.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +37,18 @@ import torch.nn.functional as F
 
 from ood_lib.atomic import atomic_write
 from ood_lib.config import TrainConfig
+from ood_lib.results import note_work
+
+CHECKPOINT_MAGIC = b"ood_lib-checkpoint sha256="
+HEADER_SIZE = len(CHECKPOINT_MAGIC) + 64 + 1   # magic, hex digest, newline: 91 bytes
 
 
 class TrainingDiverged(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint whose content does not match its recorded SHA-256, or that cannot be read at all."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -33,10 +59,65 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save through ``atomic_write``: a crash never leaves half a checkpoint."""
+def save_checkpoint(obj, path: Path) -> str:
+    """``torch.save`` ``obj`` behind a header line with the SHA-256 of the saved bytes (module docstring),
+    through ``atomic_write``: a crash never leaves half a checkpoint. Returns the hex digest."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getbuffer()
+    digest = hashlib.sha256(payload).hexdigest()
     with atomic_write(path) as f:
-        torch.save(obj, f)
+        f.write(CHECKPOINT_MAGIC + digest.encode() + b"\n")
+        f.write(payload)
+    return digest
+
+
+def read_checkpoint(path: Path, way_out: str = "", map_location="cpu", weights_only: bool = True):
+    """The object ``save_checkpoint`` wrote to ``path``, after checking its SHA-256 on the bytes in memory.
+
+    Raises ``CheckpointDamaged`` (naming ``path`` and ending with ``way_out``) when the file is truncated, altered
+    or unreadable; ``FileNotFoundError`` when it does not exist. A file without a header (written before
+    checksums were recorded) is loaded unchecked, with a warning.
+    """
+    path = Path(path)
+
+    def damaged(reason: str) -> CheckpointDamaged:
+        return CheckpointDamaged(f"checkpoint {path} is damaged: {reason}. Its content cannot be trusted and was "
+                                 f"not used." + (f" {way_out}" if way_out else ""))
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise damaged(f"it cannot be read ({e.strerror or e})") from None
+    if data.startswith(CHECKPOINT_MAGIC):
+        header, payload = data[:HEADER_SIZE], memoryview(data)[HEADER_SIZE:]
+        recorded = header[len(CHECKPOINT_MAGIC):-1].decode("ascii", "replace")
+        if len(header) < HEADER_SIZE or not header.endswith(b"\n"):
+            raise damaged(f"its header line is incomplete or damaged ({len(data)} bytes in all; truncated?)")
+        found = hashlib.sha256(payload).hexdigest()
+        if found != recorded:
+            raise damaged(f"the SHA-256 of its content is {found}, the one recorded when it was written is "
+                          f"{recorded} ({len(payload)} bytes of content: truncated or altered)")
+        source = io.BytesIO(payload)
+    elif data.startswith(b"PK\x03\x04"):
+        warnings.warn(f"checkpoint {path} has no recorded checksum (written before checksums were recorded); "
+                      f"it is loaded unchecked. {way_out}".rstrip(), stacklevel=3)
+        source = io.BytesIO(data)
+    else:
+        raise damaged(f"it starts with {bytes(data[:16])!r}, neither the checkpoint header "
+                      f"{CHECKPOINT_MAGIC.decode()}... nor a torch zip file ({len(data)} bytes)")
+    try:
+        return torch.load(source, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # a matching checksum makes this unlikely; an unchecked old file may well be broken
+        raise damaged(f"torch.load failed: {type(e).__name__}: {e}") from None
+
+
+def _retrain_hint(run_dir: Path) -> str:
+    return (f"Way out: remove the run folder {run_dir} (rm -r '{run_dir}') and run again: that run is trained "
+            f"afresh from epoch 1 (an earlier epoch cannot be resumed exactly, since only the latest optimizer "
+            f"state is kept). Feature caches are keyed by the weights, so nothing else needs removing.")
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -93,7 +174,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     start = 1
     state_path = run_dir / "state.pt"
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = read_checkpoint(state_path, _retrain_hint(run_dir), map_location=device, weights_only=False)
         if state["config"] != cfg.__dict__ or state["seed"] != seed:
             raise ValueError(f"{state_path} was written by another configuration or seed; "
                              f"remove {run_dir} to train afresh")
@@ -102,6 +183,8 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         history, start = state["history"], state["epoch"] + 1
         if start <= cfg.epochs:
             log(f"resuming seed {seed} from epoch {state['epoch']} ({run_dir})")
+        else:
+            note_work("reused")  # a finished run: only reloaded
 
     n = images.shape[0]
     for epoch in range(start, cfg.epochs + 1):
@@ -147,12 +230,13 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         entry = {"epoch": epoch, "lr": lr, "train_loss": mean_loss, "train_acc": correct.item() / seen,
                  "train_seconds": seconds, "images_per_second": seen / seconds}
         weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        atomic_save(weights, run_dir / f"epoch_{epoch:03d}.pt")
+        save_checkpoint(weights, run_dir / f"epoch_{epoch:03d}.pt")
+        note_work("computed")
         if on_epoch_end is not None:
             entry.update(on_epoch_end(epoch, model) or {})
             model.train()
         history.append(entry)
-        atomic_save({"epoch": epoch, "seed": seed, "config": cfg.__dict__, "model": weights,
+        save_checkpoint({"epoch": epoch, "seed": seed, "config": cfg.__dict__, "model": weights,
                      "optimizer": opt.state_dict(), "history": history}, state_path)
         log(f"seed {seed} epoch {epoch:3d}/{cfg.epochs}  lr {lr:.4f}  loss {mean_loss:.4f}  "
             f"acc {entry['train_acc']:.4f}  {seconds:.1f}s ({entry['images_per_second']:.0f} img/s)"
@@ -161,9 +245,13 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
 
 
 def load_epoch(model: torch.nn.Module, run_dir: Path, epoch: int) -> torch.nn.Module:
-    """Load the weights saved after ``epoch`` into ``model`` (strictly)."""
+    """Load the weights saved after ``epoch`` into ``model`` (strictly), after checking the file's SHA-256.
+
+    Raises ``FileNotFoundError`` when the checkpoint does not exist and ``CheckpointDamaged`` when it is
+    truncated or altered (the message names the file and the way out)."""
     path = Path(run_dir) / f"epoch_{epoch:03d}.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint for epoch {epoch}: {path} is missing; train first")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(read_checkpoint(path, _retrain_hint(Path(run_dir)), map_location="cpu"))
+    note_work("reused")
     return model

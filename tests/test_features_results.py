@@ -82,7 +82,8 @@ def test_timings_and_provenance(tmp_path, monkeypatch):
         pass
     t.save()
     timings = pd.read_csv(tmp_path / "smoke" / "timings.csv", dtype={"notebook": str})
-    assert list(timings.columns) == results.TIMING_COLUMNS and timings.loc[0, "stage"] == "train"
+    assert list(timings.columns) == results.TIMING_COLUMNS + ["cached"] and timings.loc[0, "stage"] == "train"
+    assert not timings.loc[0, "cached"]  # nothing was reused from a cache
     results.write_provenance(load_profile("smoke"), "01", "cpu", {"mnist/test": "abc"})
     doc = json.loads((tmp_path / "smoke" / "provenance.json").read_text())["01"]
     for key in ("git_commit", "packages", "device", "data_checksums", "profile", "seeds"):

@@ -6,7 +6,7 @@ import torch
 
 from ood_lib.config import TrainConfig
 from ood_lib.models import resnet_small
-from ood_lib.train import TrainingDiverged, augment, cosine_lr, load_epoch, train
+from ood_lib.train import TrainingDiverged, augment, cosine_lr, load_epoch, read_checkpoint, train
 
 CFG = TrainConfig(epochs=3, batch_size=16, lr=0.05, weight_decay=5e-4, crop_padding=2, flip=True)
 
@@ -76,7 +76,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(first, x, y, CFG, seed=0, run_dir=tmp_path / "cut", device=torch.device("cpu"),
               on_epoch_end=interrupt, log=lambda s: None)
-    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["epoch"] == 1
+    assert read_checkpoint(tmp_path / "cut" / "state.pt", weights_only=False)["epoch"] == 1
     resumed = _model(seed=123)  # a fresh model with other weights: everything must come from the checkpoint
     history = train(resumed, x, y, CFG, seed=0, run_dir=tmp_path / "cut", device=torch.device("cpu"),
                     log=lambda s: None)
