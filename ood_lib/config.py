@@ -398,6 +398,7 @@ def _validate_model(p: Profile, architectures: dict, datasets: dict) -> None:
     """Build ``model.arch`` with ``model.options`` as ``base.build_model`` does and run one image of
     ``data.input_size`` through it (eval mode, global RNG untouched); any error is a ProfileError."""
     import inspect
+    import warnings
 
     import torch
 
@@ -410,7 +411,8 @@ def _validate_model(p: Profile, architectures: dict, datasets: dict) -> None:
     if key not in _MODEL_CHECKS:
         error = None
         try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
                 model = architectures[p.model.arch](num_classes=num_classes, in_channels=c, **options).eval()
                 out = model(torch.zeros(1, c, size, size))
             if tuple(out.shape) != (1, num_classes):
