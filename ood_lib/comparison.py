@@ -81,7 +81,7 @@ def scores_of(ev: Evaluated, profile: Profile) -> dict[str, dict[str, np.ndarray
 
 
 def metric_rows(profile: Profile, data: StudyData, ev: Evaluated, scores: dict[str, dict[str, np.ndarray]]) -> list[dict]:
-    """Tidy rows (STUDY §6) for notebook 04, plus the ID accuracy of the unmodified model."""
+    """Tidy rows (metrics.csv) for notebook 04, plus the ID accuracy of the unmodified model."""
     base = {"notebook": "04", "seed": ev.seed, "model": ev.name, "epoch": ev.epoch, "id_set": profile.data.id_set}
     acc = metrics.accuracy(ev.sets["id"][1], data.id_test.labels)
     rows = [{**base, "detector": "", "ood_set": "", "metric": "id_acc", "value": acc}]

@@ -58,7 +58,7 @@ def odin(model: torch.nn.Module, images: torch.Tensor, temperature: float = ODIN
     return torch.cat(out).numpy()
 
 
-# Logit-only detectors, by the names STUDY §7 uses in results.
+# Logit-only detectors, by the names used in results (metrics.csv).
 LOGIT_DETECTORS = {"msp": msp, "maxlogit": maxlogit, "energy": energy}
 
 # Every detector by name: logit-only ones take logits; ``odin`` takes (model, images).

@@ -1,18 +1,21 @@
-"""LINe: Leveraging Important Neurons (Ahn, Park & Kim, CVPR 2023), post hoc on a linear head.
+"""LINe: Leveraging Important Neurons (Ahn, Park & Kim, CVPR 2023; official code
+github.com/YongHyun-Ahn/LINe-Out-of-Distribution-Detection-by-Leveraging-Important-Neurons), post hoc on a
+linear head.
 
-Notation (research/line.md §1): h in R^D is the pooled penultimate feature (post-ReLU), the head is
+Notation (docs/methods.md §2): h in R^D is the pooled penultimate feature (post-ReLU), the head is
 f_k(h) = W[k] . h + b_k with K classes. Everything here works on cached features and the head.
 
 Offline (``fit_line``, on ID *training* features of the unmodified model, ground-truth labels):
   contributions   C[c] = W[c] * mu_c, mu_c = mean UNCLIPPED training feature of class c. Because the head is
                   linear, this equals the class mean of the first-order Taylor / Shapley score
-                  h(x) * d f_y / d h that the paper computes with per-sample backward passes (§1.2).
+                  h(x) * d f_y / d h that the official ``precompute.py`` computes with per-sample backward passes.
   activation mask m_c[j]    = C[c, j] > percentile(C[c, :], p_a)                  (signed C, strict, per class)
   weight mask     M_c[k, j] = |C[c, j]| * W[k, j] > percentile(of those K*D values, p_w)  (signed W, one
                   percentile over the whole K x D matrix of class c)
   Percentiles are numpy's default (linear interpolation) in float64; p means "percent pruned".
 
-Test time (``line``, §1.4, in this order):
+Test time (``line``; the official code, and the author's answer in issue #1 on how the class-specific logits of
+the paper's Eq. 8 give one score), in this order:
   1. clip          h~ = min(h, tau)                  (upper clip only; tau None or inf: off)
   2. predict       c^ = argmax_k (W h~ + b)_k         (FULL head, CLIPPED feature)
   3. AP            h' = h~ * m_c^
@@ -23,10 +26,10 @@ Test samples are grouped by predicted class, so scoring costs about one extra N 
 Switches for ablations and sweeps (the same code path): tau=None (no clipping), p_a=None (activation pruning
 off: every mask all True), p_w=None (weight pruning off: all True).
 
-Settings of the official scripts (§1.5): ``LINE_CIFAR10`` (p_a 90, p_w 90, tau 1.0), ``LINE_CIFAR100``
-(10, 90, 1.0), ``LINE_IMAGENET`` (10, 10, 0.8). tau is a raw activation value and depends on the network;
-for a new model use ``tau_from_percentile(train, q=90)``, the q-th percentile of all ID training activations
-(ReAct's rule; the LINe code itself only ever used raw values).
+Settings of the official scripts (``demo-cifar.sh``, ``demo-imagenet.sh``): ``LINE_CIFAR10`` (p_a 90, p_w 90,
+tau 1.0), ``LINE_CIFAR100`` (10, 90, 1.0), ``LINE_IMAGENET`` (10, 10, 0.8). tau is a raw activation value and
+depends on the network; for a new model use ``tau_from_percentile(train, q=90)``, the q-th percentile of all ID
+training activations (ReAct's rule; the LINe code itself only ever used raw values).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Weight masks of Unleashing Mask (research/unleashing_mask.md §3.1, §3.3 and pitfalls 2-3).
+"""Weight masks of Unleashing Mask (Zhu et al., ICML 2023; the official ``utils/conv_type.py`` and
+``utils/linear_type.py`` of github.com/tmlr-group/Unleashing-Mask; docs/methods.md §1.2 and §1.4).
 
 Every conv and linear layer (first conv and classifier included) is masked on its own: each weight gets a score,
 and the layer keeps the ``round(keep * n)`` weights with the largest |score|. ``keep`` is the fraction of weights

@@ -1,4 +1,4 @@
-"""OOD metrics. The one convention of the study (STUDY §6), in one place:
+"""OOD metrics. The one convention of the study (docs/methods.md §0), in one place:
 
     scores are HIGHER for inputs that look MORE in-distribution, and ID is the positive class.
 

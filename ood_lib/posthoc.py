@@ -1,12 +1,12 @@
 """Post-hoc detectors on cached penultimate features and logits, with a fit on ID training data.
 
-Convention (STUDY §6, as in ``ood_lib.detectors``): every score is HIGHER for inputs that look MORE
+Convention (docs/methods.md §0, as in ``ood_lib.detectors``): every score is HIGHER for inputs that look MORE
 in-distribution. Each detector is a pair of plain functions
 
     fit_<name>(train: TrainSet, head: Head, <parameters with the paper's defaults>) -> <Name>Stats
     <name>(features, logits, head, stats) -> (N,) float64 scores
 
-registered in ``POSTHOC`` under its STUDY §7 name with the defaults below. Detectors that need no fit
+registered in ``POSTHOC`` under its usual short name with the defaults below. Detectors that need no fit
 (``msp``, ``maxlogit``, ``energy``, ``gradnorm``, ``gen``) register ``fit=None`` and take their
 parameters as keywords of the score function. ``features`` are the penultimate activations h (N, D),
 ``logits`` = h @ W.T + b (N, C) from the same model, ``head`` = (W, b) of its linear layer.
@@ -496,7 +496,7 @@ def gen(features, logits, head=None, stats=None, gamma: float = GEN_GAMMA, m: in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The registry (STUDY §7 names) and one convenience call
+# The registry (the short names used in results) and one convenience call
 POSTHOC: dict[str, PostHoc] = {p.name: p for p in [
     PostHoc("msp", None, msp, "Hendrycks & Gimpel, ICLR 2017"),
     PostHoc("maxlogit", None, maxlogit, "Hendrycks et al., ICML 2022"),

@@ -1,4 +1,4 @@
-"""Paper-quality result tables from the tidy rows of ``results/<profile>/metrics.csv`` (STUDY §6).
+"""Paper-quality result tables from the tidy rows of ``results/<profile>/metrics.csv``.
 
 Conventions:
   * Rows hold fractions in [0, 1]; every table shows percentages (value × 100) with ``DIGITS`` decimals.
@@ -65,14 +65,15 @@ JPEG = ("our CIFAR-10 is a JPEG (quality 75) re-encoding: models trained on the 
         "12 points of accuracy on it (shared/models/MANIFEST.md)")
 UM_README = dict(
     paper="Zhu et al., Unleashing Mask, ICML 2023", short="UM README", id_set="CIFAR-10",
-    source="the authors' repository README, 'Sample Results' (research/unleashing_mask.md §4.1)",
+    source="the README of the authors' repository (github.com/tmlr-group/Unleashing-Mask), 'Sample Results'",
     model="DenseNet-101 (DenseNet-BC-100), the authors' runs",
     ood_sets=("CIFAR-100", "iNaturalist", "SUN", "Places", "Textures", "LSUN-Crop", "SVHN"),
     status="verified (the authors' own numbers)")
 UM_DIFFERENCES = (JPEG, "the README does not name its OOD sets: the list given is the repository's CIFAR-10 config",
                   "the README gives mean (std) over an unstated number of runs")
 OE_DIFFERENCE = "OE fine-tunes on 50,000 auxiliary outliers from downsampled ImageNet, which we do not have"
-UM_VALUES = {  # reference name: (method, {metric: (value %, std %)}); AUPR is AUPR-In (ID positive, notes §5.5)
+# reference name: (method, {metric: (value %, std %)}); AUPR is AUPR-In (ID positive: the official utils/get_metrics.py)
+UM_VALUES = {
     "um_readme:energy": ("Energy", {"auroc": (92.07, 0.22), "aupr_in": (92.72, 0.39), "fpr95": (42.69, 1.31),
                                     "id_acc": (94.01, 0.08)}),
     "um_readme:energy+um": ("Energy + UM", {"auroc": (93.73, 0.36), "aupr_in": (94.27, 0.60),
@@ -84,8 +85,8 @@ UM_VALUES = {  # reference name: (method, {metric: (value %, std %)}); AUPR is A
 }
 LINE_PAPER = dict(
     paper="Ahn et al., LINe, CVPR 2023", short="LINe, unverified", id_set="CIFAR-10",
-    source="recollection of the paper's CIFAR-10 table, average over 6 OOD sets (research/line.md §3.2; "
-           "the table could not be retrieved)",
+    source="recollection of the paper's CIFAR-10 table, average over 6 OOD sets (the table could not be "
+           "retrieved)",
     model="DenseNet-101 (DenseNet-BC-100), the DICE checkpoint dice_densenet100_cifar10",
     ood_sets=("SVHN", "LSUN-Crop", "LSUN-Resize", "iSUN", "Textures", "Places365"),
     differences=(JPEG, "the LINe CIFAR-10 numbers are recollection, not checked against the paper",

@@ -1,4 +1,4 @@
-"""LINe (research/line.md §1): closed-form contributions vs autograd, mask sizes, the order of operations,
+"""LINe (Ahn et al., CVPR 2023; docs/methods.md §2): closed-form contributions vs autograd, mask sizes, the order of operations,
 the special cases Energy and DICE, and the real DICE DenseNet checkpoint."""
 import numpy as np
 import pytest

@@ -220,6 +220,9 @@ def test_paper_registry_values():
     for e in PAPER_VALUES.values():
         higher_is_better(e.metric)
         assert 0 < e.value <= 100 and e.paper and e.source and e.ood_sets and e.differences and e.status
+        # captions cite papers and repositories, never notes outside the project
+        assert "research/" not in e.source and "notes" not in e.source
+    assert "github.com/tmlr-group/Unleashing-Mask" in PAPER_VALUES[("um_readme:energy", "fpr95")].source
 
 
 @pytest.mark.skipif(not (NOTES / "unleashing_mask.md").exists(), reason="research notes not present")
