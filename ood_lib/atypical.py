@@ -111,6 +111,20 @@ def random_k(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
+def removed_images(arm: str, score: np.ndarray, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The k training images an arm leaves out, for the base seed ``seed``: the top-k of that seed's atypicality
+    ``score`` (``no_atypical``), the top-k within each class (``no_atypical_per_class``), or k drawn at random with
+    ``seed`` (``no_random``). Each seed is a replicate of the whole experiment: its own final model picks its own
+    images."""
+    if arm == "no_atypical":
+        return top_k(score, k)
+    if arm == "no_atypical_per_class":
+        return top_k_per_class(score, labels, k)
+    if arm == "no_random":
+        return random_k(len(score), k, seed)
+    raise ValueError(f"unknown arm {arm!r}; allowed: {sorted(ARMS)}")
+
+
 def run_dir(profile: Profile, arm: str, removed: np.ndarray, seed: int) -> Path:
     """``<cache>/without/<hash of data, model, train>/<arm>-<hash of the removed indices>/seed<k>``."""
     key = hashlib.sha256(np.asarray(removed, np.int64).tobytes()).hexdigest()[:12]

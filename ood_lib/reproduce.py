@@ -1,9 +1,23 @@
-"""Run the study's notebooks headlessly with papermill.
+"""Run the study: its notebooks headlessly with papermill, or its stages as shards, and merge shards.
 
     python -m ood_lib.reproduce --profile default [--notebooks 01,03] [--set train.epochs=3 ...]
+        every notebook of the profile in order; each computes the stages it reads that have not run yet.
 
-Executed copies go to ``results/<profile>/notebooks/``. The profile and every ``--set`` override are
-validated before any notebook starts; an unknown name fails with the allowed names listed.
+    python -m ood_lib.reproduce --profile cifar10 --stages base,atypical,gamma --seeds 0 [--bundle-dir DIR]
+        a shard command: those stages for those seeds, in this process, without papermill or Jupyter; writes one
+        bundle per (stage, seed) to DIR (default results/<profile>/bundles). Stages whose tables come from
+        another machine are given with --inputs BUNDLE ... (merged first, with the checks of --merge).
+
+    python -m ood_lib.reproduce --profile cifar10 --merge BUNDLE ...
+        check and merge bundles from other machines, then run the analysis: every notebook whose stages are
+        complete, on the seeds they are complete for, without training anything; then report.html.
+
+    python -m ood_lib.reproduce --profile cifar10 --plan
+        every (stage, seed) of the profile: done or not, and the command of each shard still to run.
+
+Executed notebooks go to ``results/<profile>/notebooks/``. The profile and every ``--set`` override are validated
+before any work; an unknown name fails with the allowed names listed. ``--set`` overrides must be the same for
+the shard commands and the merge (the bundles record the profile's digest).
 """
 from __future__ import annotations
 
@@ -14,9 +28,9 @@ from pathlib import Path
 
 from ood_lib.config import ProfileError, available_profiles, load_profile, parse_override
 from ood_lib.paths import PROJECT_ROOT, results_dir
-from ood_lib.report import write_report
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+STAGED_NOTEBOOKS = ("01", "02", "03", "04")  # the notebooks that read stages (and take the `compute` parameter)
 
 
 def notebook_files() -> dict[str, Path]:
@@ -37,8 +51,19 @@ def plan(profile_name: str, notebooks: list[str] | None, overrides: dict) -> tup
     return profile, [files[n] for n in sorted(wanted)]
 
 
-def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict | None = None) -> list[tuple[str, float]]:
+def _execute(profile, path: Path, out_dir: Path, parameters: dict) -> None:
     import papermill
+
+    papermill.execute_notebook(str(path), str(out_dir / path.name), cwd=str(NOTEBOOK_DIR), parameters=parameters,
+                               progress_bar=sys.stderr.isatty(), log_output=False)
+
+
+def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict | None = None,
+        compute: bool = True) -> list[tuple[str, float]]:
+    """Execute the notebooks. With ``compute=False`` (the analysis after a merge) nothing is trained: each notebook
+    runs on the seeds whose stages are complete, and a notebook with none is skipped with a message."""
+    from ood_lib import shards
+    from ood_lib.report import write_report
 
     overrides = overrides or {}
     profile, paths = plan(profile_name, notebooks, overrides)
@@ -46,11 +71,19 @@ def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict |
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
     for i, path in enumerate(paths, 1):
+        nb = path.name[:2]
+        params = {"profile": profile.name, "overrides": overrides}
+        if nb in STAGED_NOTEBOOKS:
+            params["compute"] = compute
+        if not compute and nb in STAGED_NOTEBOOKS:
+            seeds = shards.ready_seeds(profile, nb)
+            if not seeds:
+                print(f"[{i}/{len(paths)}] {path.name}: no seed has all its stages; skipped", flush=True)
+                continue
+            params["overrides"] = {**overrides, "seeds": seeds}
         print(f"[{i}/{len(paths)}] {path.name} on profile {profile.name} ...", flush=True)
         t0 = time.perf_counter()
-        papermill.execute_notebook(str(path), str(out_dir / path.name), cwd=str(NOTEBOOK_DIR),
-                                   parameters={"profile": profile.name, "overrides": overrides},
-                                   progress_bar=sys.stderr.isatty(), log_output=False)
+        _execute(profile, path, out_dir, params)
         seconds = time.perf_counter() - t0
         done.append((path.name, seconds))
         print(f"[{i}/{len(paths)}] {path.name} done in {seconds:.1f} s -> {out_dir / path.name}", flush=True)
@@ -62,6 +95,35 @@ def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict |
     return done
 
 
+def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, overrides: dict | None = None,
+               bundle_dir: Path | None = None, inputs: list[Path] = ()) -> list[Path]:
+    """A shard command: merge ``inputs``, run ``stages`` for ``seeds`` in this process, write one bundle each."""
+    from ood_lib import shards
+
+    profile = load_profile(profile_name, overrides or {})
+    if inputs:
+        shards.merge(profile, inputs)
+    runner = shards.Runner(profile)
+    for name in stages:
+        runner.stage(name)  # an unknown stage fails before any work
+    seeds = list(profile.seeds) if seeds is None else seeds
+    bundle_dir = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
+    order = [name for name in runner.registry if name in stages]
+    written = []
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for name in order:
+            runner.tables(name, seed)
+            written.append(shards.pack(profile, name, seed, bundle_dir))
+            print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB)", flush=True)
+    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s")
+    return written
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ood_lib.reproduce", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,12 +132,53 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(default: the profile's own list)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a profile parameter, e.g. --set train.epochs=3 (repeatable)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--stages", default=None, help="shard command: comma-separated stages to run (see --plan)")
+    mode.add_argument("--merge", nargs="+", type=Path, metavar="BUNDLE", help="merge bundles, then run the analysis")
+    mode.add_argument("--plan", action="store_true", help="list every (stage, seed) of the profile and its status")
+    ap.add_argument("--seeds", default=None, help="with --stages: comma-separated seeds (default: the profile's)")
+    ap.add_argument("--bundle-dir", type=Path, default=None, help="with --stages: where bundles go "
+                                                                  "(default: results/<profile>/bundles)")
+    ap.add_argument("--inputs", nargs="+", type=Path, default=[], metavar="BUNDLE",
+                    help="with --stages: bundles from other machines that these stages read")
+    ap.add_argument("--allow-mixed-code", action="store_true", help="with --merge: accept bundles computed by "
+                                                                    "different versions of the library")
     args = ap.parse_args(argv)
+    from ood_lib import shards
+
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         notebooks = [n.strip().zfill(2) for n in args.notebooks.split(",")] if args.notebooks else None
-        plan(args.profile, notebooks, overrides)
-    except ProfileError as e:
+        profile, _ = plan(args.profile, notebooks, overrides)
+        seeds = [int(s) for s in _list(args.seeds)] if args.seeds else None
+        if (args.seeds or args.bundle_dir or args.inputs) and not args.stages:
+            raise ProfileError("--seeds, --bundle-dir and --inputs go with --stages")
+        if seeds is not None and set(seeds) - set(profile.seeds):
+            raise ProfileError(f"--seeds {seeds}: profile {profile.name!r} has seeds {list(profile.seeds)}")
+        if args.stages:
+            registry = shards.stages_mod.stages(profile)
+            unknown = [s for s in _list(args.stages) if s not in registry]
+            if unknown:
+                raise ProfileError(f"unknown stage(s) {unknown} of profile {profile.name!r}; allowed: {list(registry)}")
+    except (ProfileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.plan:
+            table = shards.plan(profile)
+            print(table.to_string(index=False))
+            todo = table[~table.done]
+            for seed, g in todo.groupby("seed", sort=False):
+                print(shards.command(profile, g.stage, [seed]))
+            return 0
+        if args.stages:
+            run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs)
+            return 0
+        if args.merge:
+            shards.merge(profile, args.merge, args.allow_mixed_code)
+            run(args.profile, notebooks, overrides, compute=False)
+            return 0
+    except shards.ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run(args.profile, notebooks, overrides)

@@ -1,0 +1,402 @@
+"""Shards: the study's stages (``ood_lib.stages``) run seed by seed, on any machine, and merged into one study.
+
+A shard is one (stage, seed) of a profile. Its tables are stored in
+
+    results/<profile>/shards/<profile digest>/<stage>/seed<k>/   <table>.csv ... and manifest.json
+
+The manifest is written last (so a folder without one is an interrupted shard, recomputed) and records the profile,
+its digest, the code digest, the device, the seconds the stage took, the final weights digest of a model stage
+and the SHA-256 of every table, which is checked whenever the tables are read back. The profile digest covers
+every section that changes a number (data, model, train, eval, line, um, pretrained), not the seeds or the device:
+editing the profile starts a new folder instead of mixing old and new tables.
+
+A bundle is one shard folder packed as ``<profile>__<stage>__seed<k>.tar.gz`` (deterministic bytes; no weights).
+``merge`` puts bundles from other machines back into place after checking that they are complete and intact, of
+this profile and digest, of one code version, and not duplicates of each other or of a different shard already
+here. Notebooks then read the same tables whether the stages ran in their own kernel, in a shard command, on a
+lent GPU or as cluster jobs; ``outputs(..., compute=False)`` never trains, it names the command to run instead.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+import torch
+
+from ood_lib import stages as stages_mod
+from ood_lib.atomic import atomic_write
+from ood_lib.config import Profile
+from ood_lib.paths import PROJECT_ROOT, results_dir
+from ood_lib.results import device_name, git_commit
+
+FORMAT = 1
+DIGEST_SECTIONS = ("data", "model", "train", "eval", "line", "um", "pretrained")
+MANIFEST = "manifest.json"
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, damaged, or that cannot be merged; the message says which and what to do."""
+
+
+def profile_digest(profile: Profile) -> str:
+    return profile.digest(*DIGEST_SECTIONS)
+
+
+def code_digest() -> str:
+    """SHA-256 over the library's source files (path and content): the code version a bundle was computed by."""
+    h = hashlib.sha256()
+    root = PROJECT_ROOT / "ood_lib"
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def root(profile: Profile) -> Path:
+    return results_dir(profile.name) / "shards" / profile_digest(profile)
+
+
+def shard_dir(profile: Profile, stage: str, seed: int) -> Path:
+    return root(profile) / stage / f"seed{seed}"
+
+
+def manifest(profile: Profile, stage: str, seed: int) -> dict | None:
+    path = shard_dir(profile, stage, seed) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path} is damaged ({e}); remove {path.parent} to recompute the shard") from None
+
+
+def done(profile: Profile, stage: str, seed: int) -> bool:
+    return manifest(profile, stage, seed) is not None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read(profile: Profile, stage: str, seed: int) -> stages_mod.Tables:
+    """The tables of a finished shard, each checked against the manifest's SHA-256."""
+    m = manifest(profile, stage, seed)
+    if m is None:
+        raise ShardError(f"stage {stage!r} of seed {seed} has not run on profile {profile.name!r}")
+    folder = shard_dir(profile, stage, seed)
+    out = {}
+    for name, digest in m["tables"].items():
+        path = folder / f"{name}.csv"
+        if not path.exists() or _sha256(path) != digest:
+            raise ShardError(f"{path} is missing or does not match its manifest; remove {folder} to recompute the "
+                             f"shard, or merge its bundle again")
+        out[name] = _read_csv(path, m["text_columns"][name])
+    return out
+
+
+def _read_csv(path: Path, text: list[str]) -> pd.DataFrame:
+    """A table as written: text columns as strings (an empty cell is "", e.g. ``detector`` of ``id_acc``), the
+    others parsed (an empty cell is NaN)."""
+    table = pd.read_csv(path, dtype={c: str for c in text})
+    table[text] = table[text].fillna("")
+    return table
+
+
+def _write(profile: Profile, stage: str, seed: int, tables: stages_mod.Tables, info: dict) -> dict:
+    folder = shard_dir(profile, stage, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    digests, text = {}, {}
+    for name, table in sorted(tables.items()):
+        path = folder / f"{name}.csv"
+        with atomic_write(path, "w") as f:
+            table.to_csv(f, index=False)
+        digests[name] = _sha256(path)
+        text[name] = [str(c) for c in table.columns if not (pd.api.types.is_numeric_dtype(table[c])
+                                                             or pd.api.types.is_bool_dtype(table[c]))]
+    m = {"format": FORMAT, "profile": profile.name, "profile_digest": profile_digest(profile),
+         "config": {k: v for k, v in profile.to_dict().items() if k in DIGEST_SECTIONS},
+         "code_digest": code_digest(), "git_commit": git_commit(), "stage": stage, "seed": seed,
+         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, **info, "tables": digests, "text_columns": text}
+    with atomic_write(folder / MANIFEST, "w") as f:
+        json.dump(m, f, indent=2, sort_keys=True, default=str)
+    return m
+
+
+def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int]) -> str:
+    return (f"python -m ood_lib.reproduce --profile {profile.name} --stages {','.join(stages)} "
+            f"--seeds {','.join(str(s) for s in seeds)}")
+
+
+class Runner:
+    """Runs the stages of one profile in this process, each at most once per seed, reading tables back from disk."""
+
+    def __init__(self, profile: Profile, log: Callable[[str], None] = print):
+        self.profile = profile
+        self.registry = stages_mod.stages(profile)
+        self.ctx = stages_mod.Context(profile, log)
+        self.log = log
+        self._checked: dict[tuple[str, int], dict] = {}
+
+    def stage(self, name: str) -> stages_mod.Stage:
+        if name not in self.registry:
+            raise ShardError(f"profile {self.profile.name!r} has no stage {name!r}; its stages: {list(self.registry)}")
+        return self.registry[name]
+
+    def tables(self, name: str, seed: int, compute: bool = True) -> stages_mod.Tables:
+        """The tables of (stage, seed): read back when done, else computed (after what it depends on)."""
+        if not done(self.profile, name, seed):
+            if not compute:
+                raise ShardError(f"stage {name!r} of seed {seed} has not run on profile {self.profile.name!r}; run "
+                                 f"`{command(self.profile, [name], [seed])}` (or merge its bundle)")
+            self._compute(name, seed)
+        return read(self.profile, name, seed)
+
+    def _compute(self, name: str, seed: int) -> None:
+        stage = self.stage(name)
+        for dep in stage.inputs:
+            self.tables(dep, seed)
+        models = {dep: self.model(dep, seed) for dep in stage.models}
+        self.log(f"[stage {name} seed {seed}] on {device_name(self.ctx.device)} ...")
+        t0 = time.perf_counter()
+        tables = stage.compute(self.ctx, seed, lambda dep: self.tables(dep, seed))
+        seconds = time.perf_counter() - t0
+        info = {"seconds": round(seconds, 3), "device": device_name(self.ctx.device), "models_used": models,
+                "inputs": {dep: manifest(self.profile, dep, seed)["tables"] for dep in stage.inputs}}
+        if stage.digest is not None:
+            info["final_digest"] = stage.digest(self.ctx, seed)
+        _write(self.profile, name, seed, tables, info)
+        self.log(f"[stage {name} seed {seed}] done in {seconds:.1f} s -> {shard_dir(self.profile, name, seed)}")
+
+    def model(self, name: str, seed: int) -> dict:
+        """Make sure the trained model of stage ``name`` is on this machine; return its digest and, when it had to be
+        re-trained from a shard computed elsewhere, whether the digest matches the recorded one."""
+        key = (name, seed)
+        if key in self._checked:
+            return self._checked[key]
+        stage = self.stage(name)
+        if not done(self.profile, name, seed):
+            self._compute(name, seed)
+        recorded = manifest(self.profile, name, seed).get("final_digest")
+        digest = stage.digest(self.ctx, seed)
+        info = {"digest": digest, "recorded": recorded, "retrained": False}
+        if digest is None:
+            self.log(f"[stage {name} seed {seed}] its tables came from elsewhere; re-training its model here ...")
+            for dep in stage.models:
+                self.model(dep, seed)
+            stage.train(self.ctx, seed, lambda dep: self.tables(dep, seed))
+            digest = stage.digest(self.ctx, seed)
+            info.update(digest=digest, retrained=True)
+            if digest != recorded:
+                self.log(f"warning: the re-trained {name} model of seed {seed} differs from the one its tables were "
+                         f"computed with (digest {digest[:12]} vs {str(recorded)[:12]}: nondeterministic kernels); "
+                         "stages using it record this in their manifest")
+        info["match"] = digest == recorded
+        self._checked[key] = info
+        return info
+
+
+def outputs(profile: Profile, notebook: str, compute: bool = True,
+            log: Callable[[str], None] = print) -> dict[str, dict[int, stages_mod.Tables]]:
+    """``{stage: {seed: tables}}`` of every stage ``notebook`` reads, for every seed of the profile."""
+    runner = Runner(profile, log)
+    return {name: {seed: runner.tables(name, seed, compute) for seed in profile.seeds}
+            for name in stages_mod.of_notebook(profile, notebook)}
+
+
+def concat(by_seed: dict[int, stages_mod.Tables], table: str) -> pd.DataFrame:
+    """One table of a stage over seeds (in the profile's seed order), with a ``seed`` column where it lacks one."""
+    frames = [t[table].assign(seed=seed) if "seed" not in t[table] else t[table] for seed, t in by_seed.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def timing_rows(profile: Profile, notebook: str, seeds: Iterable[int]) -> list[dict]:
+    """timings.csv rows of the stages a notebook reads: the seconds each took where it was computed, and on what."""
+    rows = []
+    for name in stages_mod.of_notebook(profile, notebook):
+        for seed in seeds:
+            m = manifest(profile, name, seed)
+            if m is not None:
+                rows.append({"notebook": notebook, "stage": f"stage {name} seed {seed}", "seconds": m["seconds"],
+                             "device": m["device"]})
+    return rows
+
+
+# --- bundles ------------------------------------------------------------------------------------------------------
+
+def bundle_name(profile: Profile, stage: str, seed: int) -> str:
+    return f"{profile.name}__{stage}__seed{seed}.tar.gz"
+
+
+def pack(profile: Profile, stage: str, seed: int, out_dir: Path) -> Path:
+    """Write the bundle of a finished shard into ``out_dir`` (same bytes for the same tables)."""
+    m = manifest(profile, stage, seed)
+    if m is None:
+        raise ShardError(f"stage {stage!r} of seed {seed} has not run on profile {profile.name!r}: nothing to pack")
+    read(profile, stage, seed)  # verifies every table against the manifest
+    folder = shard_dir(profile, stage, seed)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in [MANIFEST] + sorted(f"{t}.csv" for t in m["tables"]):
+            data = (folder / name).read_bytes()
+            info = tarfile.TarInfo(f"{stage}/seed{seed}/{name}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    path = Path(out_dir) / bundle_name(profile, stage, seed)
+    with atomic_write(path) as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
+        gz.write(buf.getvalue())
+    return path
+
+
+def _open_bundle(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """The manifest and the files of a bundle, checked for completeness and integrity (nothing is extracted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"bundle {path} does not exist")
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = tar.getmembers()
+            if not members or any(not m.isfile() for m in members):
+                raise ShardError(f"bundle {path} holds something other than plain files")
+            files = {m.name: tar.extractfile(m).read() for m in members}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"bundle {path} is not a readable .tar.gz ({e}); copy it again") from None
+    prefixes = {name.rsplit("/", 1)[0] for name in files}
+    if len(prefixes) != 1:
+        raise ShardError(f"bundle {path} holds more than one shard: {sorted(prefixes)}")
+    prefix = prefixes.pop()
+    try:
+        m = json.loads(files[f"{prefix}/{MANIFEST}"])
+    except (KeyError, ValueError):
+        raise ShardError(f"bundle {path} has no readable {MANIFEST}") from None
+    if m.get("format") != FORMAT:
+        raise ShardError(f"bundle {path} has format {m.get('format')!r}; this code reads format {FORMAT}")
+    if prefix != f"{m['stage']}/seed{m['seed']}":
+        raise ShardError(f"bundle {path}: its folder {prefix!r} does not match its manifest "
+                         f"(stage {m['stage']!r}, seed {m['seed']})")
+    tables = {f"{prefix}/{t}.csv": d for t, d in m["tables"].items()}
+    extra = sorted(set(files) - set(tables) - {f"{prefix}/{MANIFEST}"})
+    if extra:
+        raise ShardError(f"bundle {path} holds files its manifest does not list: {extra}")
+    for name, digest in tables.items():
+        if name not in files or hashlib.sha256(files[name]).hexdigest() != digest:
+            raise ShardError(f"bundle {path}: {name} is missing or damaged (SHA-256 differs from the manifest); "
+                             "copy or recompute the bundle")
+    return m, {name.rsplit("/", 1)[1]: data for name, data in files.items()}
+
+
+def _config_difference(a: dict, b: dict, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _config_difference(a.get(k), b.get(k), f"{where}.{k}"
+                                                                                 if where else k)]
+    return [] if a == b else [f"{where}: {a!r} (bundle) vs {b!r} (here)"]
+
+
+def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = False,
+          log: Callable[[str], None] = print) -> list[tuple[str, int]]:
+    """Check every bundle, then put each shard into place; returns the (stage, seed) merged (new or identical).
+
+    Refused, before anything is written: a bundle that is unreadable, damaged or incomplete; of another profile or
+    profile digest; a stage this profile does not have; two bundles of the same (stage, seed); bundles of
+    different code versions (unless ``allow_mixed_code``); a shard already here with other tables."""
+    bundles = [Path(b) for b in bundles]
+    if not bundles:
+        raise ShardError("no bundle to merge")
+    opened = [(b, *_open_bundle(b)) for b in bundles]
+    here = {k: v for k, v in profile.to_dict().items() if k in DIGEST_SECTIONS}
+    registry = stages_mod.stages(profile)
+    seen: dict[tuple[str, int], Path] = {}
+    for path, m, _ in opened:
+        if m["profile"] != profile.name:
+            raise ShardError(f"bundle {path} is of profile {m['profile']!r}, not {profile.name!r}")
+        if m["profile_digest"] != profile_digest(profile):
+            diff = _config_difference(m["config"], here)
+            raise ShardError(f"bundle {path} was computed with other profile settings than {profile.name!r} here "
+                             f"({'; '.join(diff) or 'digest ' + m['profile_digest']}); pass the same --set "
+                             "overrides as the shard command")
+        if m["stage"] not in registry:
+            raise ShardError(f"bundle {path}: profile {profile.name!r} has no stage {m['stage']!r} "
+                             f"(its stages: {list(registry)})")
+        key = (m["stage"], int(m["seed"]))
+        if key in seen:
+            raise ShardError(f"bundles {seen[key]} and {path} are both stage {key[0]!r} of seed {key[1]}: keep one")
+        seen[key] = path
+    codes = {m["code_digest"] for _, m, _ in opened}
+    for stage, seed in seen:
+        old = manifest(profile, stage, seed)
+        if old is not None:
+            codes.add(old["code_digest"])
+    if len(codes) > 1 and not allow_mixed_code:
+        by_code = {}
+        for path, m, _ in opened:
+            by_code.setdefault(m["code_digest"], []).append(path.name)
+        raise ShardError(f"the shards come from {len(codes)} code versions ({by_code}; shards already merged may "
+                         "add more): their numbers may not be comparable. Recompute them with one version, or pass "
+                         "--allow-mixed-code to merge anyway (recorded in each manifest)")
+    if code_digest() not in codes:
+        log(f"note: the bundles were computed by code {sorted(codes)}, this checkout is {code_digest()}; the analysis "
+            "runs with this checkout")
+    plan = []
+    for path, m, files in opened:
+        stage, seed = m["stage"], int(m["seed"])
+        old = manifest(profile, stage, seed)
+        if old is not None:
+            if old["tables"] == m["tables"]:
+                log(f"{path.name}: stage {stage} seed {seed} is already here, identical")
+                continue
+            raise ShardError(f"bundle {path}: stage {stage!r} of seed {seed} is already here with other tables "
+                             f"({shard_dir(profile, stage, seed)}); remove that folder to replace it")
+        plan.append((path, m, files))
+    for path, m, files in plan:
+        target = shard_dir(profile, m["stage"], int(m["seed"]))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # an interrupted local shard (no manifest): its partial tables are dropped
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        os.replace(tmp, target)
+        log(f"{path.name}: merged stage {m['stage']} seed {m['seed']} (computed on {m['device']} in "
+            f"{m['seconds']:.0f} s)")
+    return sorted(seen)
+
+
+def plan(profile: Profile) -> pd.DataFrame:
+    """Every (stage, seed) of the profile: done or not, where and how long it ran, and what it needs first."""
+    rows = []
+    for name, s in stages_mod.stages(profile).items():
+        for seed in profile.seeds:
+            m = manifest(profile, name, seed)
+            rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None,
+                         "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
+                         "needs tables of": ",".join(s.inputs), "needs weights of": ",".join(s.models)})
+    return pd.DataFrame(rows)
+
+
+def ready_seeds(profile: Profile, notebook: str) -> list[int]:
+    """Seeds for which every stage ``notebook`` reads (and notebook 01's, which 02-04 compare with) is done."""
+    names = stages_mod.of_notebook(profile, notebook)
+    if notebook in ("02", "03", "04") and "base" in stages_mod.stages(profile):
+        names = ["base", *names]
+    return [s for s in profile.seeds if names and all(done(profile, n, s) for n in names)]
+
+
+def provenance(profile: Profile, notebook: str, seeds: Iterable[int]) -> dict:
+    """Where and by what code each stage a notebook reads was computed (for provenance.json)."""
+    out = {}
+    for name in stages_mod.of_notebook(profile, notebook):
+        for seed in seeds:
+            m = manifest(profile, name, seed)
+            if m is not None:
+                out[f"{name}/seed{seed}"] = {k: m.get(k) for k in ("device", "seconds", "written", "code_digest",
+                                                                   "git_commit", "torch", "final_digest",
+                                                                   "models_used")}
+    return out

@@ -1,0 +1,246 @@
+"""The study's units of work: a stage computes, for one seed, the tables that a notebook analyses.
+
+A stage is the smallest piece of the study that can run on its own machine. Each one trains or scores one thing
+for one seed and returns named tables (``pandas.DataFrame``); ``ood_lib.shards`` stores them, packs them into
+bundles and merges bundles from other machines. Notebooks only analyse these tables, so a notebook gives the same
+numbers whether its stages ran in the same process, in a separate shard command or on a cluster.
+
+Two kinds of dependency:
+  * ``inputs``: stages whose TABLES (of the same seed) this one reads, e.g. the removal arms read the per-image
+    atypicality scores. Tables travel in bundles, so these stages may run anywhere.
+  * ``models``: stages whose trained WEIGHTS this one needs on this machine, e.g. UM starts from the final base
+    model. Weights never travel. Where they are missing but the stage's tables exist (a bundle from another
+    machine), the weights are re-trained from the same recipe and seed (``ensure_model``) and their digest is
+    compared with the recorded one: equal on the same hardware and software (always on CPU), possibly different
+    on a GPU, and then said so in the dependent stage's manifest.
+
+Stages of a profile (``stages(profile)``), in an order that respects both kinds of dependency:
+
+  notebook 01  ``base``                 train the base recipe, every detector after every epoch (+ the selection
+                                        detector's final scores for 03's histograms)
+  notebook 02  ``atypical``             per-image mask sensitivity and learning dynamics, the loss-vs-mask curve
+               ``no_atypical``, ``no_atypical_per_class``, ``no_random``
+                                        the base recipe without k images chosen from THIS seed's atypicality
+  notebook 03  ``gamma``                the loss constraint over random masks
+               ``um``, ``umap``, ``ft_ce``, ``um_gamma<g>``   the fine-tunes from the final base model
+  notebook 04  ``posthoc_<model>``      every post-hoc detector, LINe's ablation and sensitivity on one model
+                                        (``base``, ``um``, ``umap``, or a pretrained checkpoint)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ood_lib import atypical, base, comparison, um
+from ood_lib.config import Profile
+from ood_lib.models import load_pretrained, weights_digest
+from ood_lib.train import resolve_device
+
+Tables = dict[str, pd.DataFrame]
+Read = Callable[[str], Tables]          # stage name -> that stage's tables for the same seed
+
+
+@dataclass
+class Context:
+    """What every stage of one profile shares in one process: the profile, the device and the prepared data."""
+    profile: Profile
+    log: Callable[[str], None] = print
+    device: torch.device = field(init=False)
+    _data: base.StudyData | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.device = resolve_device(self.profile.device)
+        if self.profile.threads:
+            torch.set_num_threads(self.profile.threads)
+
+    @property
+    def data(self) -> base.StudyData:
+        if self._data is None:
+            self._data = base.prepare_data(self.profile)
+        return self._data
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of work for one seed. ``compute`` returns its tables; ``train`` (model stages) trains or reloads its
+    model without scoring anything new, and ``digest`` gives the final model's weights digest, None when absent."""
+    name: str
+    notebook: str
+    compute: Callable[[Context, int, Read], Tables]
+    inputs: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    train: Callable[[Context, int, Read], None] | None = None
+    digest: Callable[[Context, int], str | None] | None = None
+
+
+def _drop_log(history: pd.DataFrame) -> pd.DataFrame:
+    return history.drop(columns=[c for c in history.columns if c.startswith("log_")])
+
+
+def _final_scores(ctx: Context, model: torch.nn.Module, model_name: str) -> pd.DataFrame:
+    """The selection detector's scores of ``model`` on every test set (notebook 03's histograms and ROC curves)."""
+    sel = ctx.profile.eval.selection_detector
+    data = ctx.data
+    scored = base.score_sets(ctx.profile, model, weights_digest(model), base.test_sets(data),
+                             base.feature_cache(ctx.profile), ctx.device, (sel,))
+    return pd.concat([pd.DataFrame({"model": model_name, "set": name, "split": split, "detector": sel,
+                                    "score": s["scores"][sel]}) for (name, split), s in scored.items()],
+                     ignore_index=True)
+
+
+# --- notebook 01 ------------------------------------------------------------------------------------------------
+
+def _base_train(ctx: Context, seed: int, read: Read) -> None:
+    base.train_seed(ctx.profile, ctx.data, seed, log=ctx.log)
+
+
+def _base_digest(ctx: Context, seed: int) -> str | None:
+    p = ctx.profile
+    if not (base.run_dir(p, seed) / f"epoch_{p.train.epochs:03d}.pt").exists():
+        return None
+    return weights_digest(base.load_base(p, ctx.data, seed))
+
+
+def _base(ctx: Context, seed: int, read: Read) -> Tables:
+    history = base.train_seed(ctx.profile, ctx.data, seed, log=ctx.log)
+    rows = base.evaluate_run(ctx.profile, ctx.data, seed)
+    final = base.load_base(ctx.profile, ctx.data, seed)
+    return {"rows": rows, "history": _drop_log(history), "scores": _final_scores(ctx, final, "base")}
+
+
+# --- notebook 02 ------------------------------------------------------------------------------------------------
+
+def _atypical(ctx: Context, seed: int, read: Read) -> Tables:
+    p, data, u = ctx.profile, ctx.data, ctx.profile.um
+    final = base.load_base(p, data, seed)
+    sens = atypical.mask_sensitivity(final, data.train_images, data.train_labels, u.mask_keep, u.mask_seeds,
+                                     ctx.device, p.eval.batch_size)
+    dyn = atypical.learning_dynamics(atypical.epoch_correctness(p, data, seed, ctx.device))
+    per_image = sens.join(dyn)
+    per_image.insert(0, "image", np.arange(len(per_image)))
+    curve = um.loss_curve(p, data, final, ctx.device, u.curve_images)
+    return {"per_image": per_image, "loss_curve": curve}
+
+
+def _arm(arm: str) -> Stage:
+    def removed(ctx: Context, seed: int, read: Read) -> np.ndarray:
+        per_image = read("atypical")["per_image"]
+        return atypical.removed_images(arm, per_image["kl"].to_numpy(), per_image["label"].to_numpy(),
+                                       ctx.profile.um.atypical_remove, seed)
+
+    def train(ctx: Context, seed: int, read: Read) -> None:
+        atypical.train_without(ctx.profile, ctx.data, seed, arm, removed(ctx, seed, read), ctx.device, log=ctx.log)
+
+    def compute(ctx: Context, seed: int, read: Read) -> Tables:
+        idx = removed(ctx, seed, read)
+        history = atypical.train_without(ctx.profile, ctx.data, seed, arm, idx, ctx.device, log=ctx.log)
+        rows = atypical.evaluate_without(ctx.profile, ctx.data, seed, arm, idx, ctx.device)
+        return {"rows": rows, "history": _drop_log(history), "removed": pd.DataFrame({"image": idx})}
+
+    return Stage(arm, "02", compute, inputs=("atypical",), train=train)
+
+
+# --- notebook 03 ------------------------------------------------------------------------------------------------
+
+def _gamma(ctx: Context, seed: int, read: Read) -> Tables:
+    p, data = ctx.profile, ctx.data
+    final = base.load_base(p, data, seed)
+    g = um.estimate_gamma(p, data, final, ctx.device)
+    unmasked = um.mean_loss(final, data.train_images, data.train_labels, ctx.device, p.eval.batch_size, p.train)
+    per_mask = pd.DataFrame({"mask_seed": list(g.seeds), "gamma": list(g.values)})
+    summary = pd.DataFrame([{**g.summary(), "unmasked final loss": unmasked}])
+    return {"per_mask": per_mask, "summary": summary}
+
+
+def gamma_used(profile: Profile, tables: Tables) -> float:
+    """The flood level UM and UMAP use for a seed, from that seed's ``gamma`` tables."""
+    per_mask = tables["per_mask"]
+    return um.Gamma(profile.um.mask_keep, tuple(per_mask["mask_seed"]), tuple(per_mask["gamma"]), profile.um.gamma).used
+
+
+def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None) -> Stage:
+    flooded_by_estimate = ft.flooded and fixed_gamma is None
+
+    def level(ctx: Context, seed: int, read: Read) -> float:
+        if fixed_gamma is not None:
+            return fixed_gamma
+        return gamma_used(ctx.profile, read("gamma")) if flooded_by_estimate else float("nan")
+
+    def train(ctx: Context, seed: int, read: Read) -> pd.DataFrame:
+        return um.fine_tune(ctx.profile, ctx.data, seed, ft, level(ctx, seed, read), ctx.device, log=ctx.log)
+
+    def digest(ctx: Context, seed: int) -> str | None:
+        if not um.finished(ctx.profile, seed, ft):
+            return None
+        return weights_digest(um.load(ctx.profile, ctx.data, seed, ft))
+
+    def compute(ctx: Context, seed: int, read: Read) -> Tables:
+        history = train(ctx, seed, read)
+        rows = um.evaluate(ctx.profile, ctx.data, seed, ft, ctx.device)
+        tables = {"rows": rows, "history": _drop_log(history)}
+        if ft is um.UM:
+            tables["scores"] = _final_scores(ctx, um.load(ctx.profile, ctx.data, seed, ft), ft.name)
+        return tables
+
+    return Stage(ft.name, "03", compute, inputs=("gamma",) if flooded_by_estimate else (), models=("base",),
+                 train=train, digest=digest)
+
+
+# --- notebook 04 ------------------------------------------------------------------------------------------------
+
+def _posthoc(model_stage: str, load: Callable[[Context, int], torch.nn.Module], epoch: Callable[[Profile], int | None],
+             pretrained: bool = False) -> Stage:
+    def compute(ctx: Context, seed: int, read: Read) -> Tables:
+        p = ctx.profile
+        ev = comparison.evaluate_model(p, ctx.data, load(ctx, seed), model_stage, seed, epoch(p),
+                                       base.feature_cache(p), ctx.device)
+        scores = comparison.scores_of(ev, p)
+        return {"rows": pd.DataFrame(comparison.metric_rows(p, ctx.data, ev, scores)),
+                "ablation": comparison.ablation(ev, p), "sensitivity": comparison.sensitivity(ev, p),
+                "tau": pd.DataFrame([{"model": model_stage, "seed": seed, "tau": ev.tau}])}
+
+    return Stage(f"posthoc_{model_stage}", "04", compute, models=() if pretrained else (model_stage,))
+
+
+def stages(profile: Profile) -> dict[str, Stage]:
+    """Every stage the profile's notebooks need, in dependency order."""
+    nbs = set(profile.notebooks)
+    out: list[Stage] = []
+    if profile.pretrained:
+        if "04" in nbs:
+            names = profile.line.pretrained if profile.line.pretrained is not None else profile.pretrained
+            out += [_posthoc(name, lambda ctx, seed, name=name: load_pretrained(name), lambda p: None, pretrained=True)
+                    for name in names]
+        return {s.name: s for s in out}
+    if nbs & {"01", "02", "03", "04"}:
+        out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest))
+    if "02" in nbs:
+        out.append(Stage("atypical", "02", _atypical, models=("base",)))
+        out += [_arm(arm) for arm in atypical.ARMS]
+    fine_tunes = []
+    if "03" in nbs:
+        out.append(Stage("gamma", "03", _gamma, models=("base",)))
+        fine_tunes = um.fine_tunes(profile)
+        out += [_fine_tune(ft) for ft in fine_tunes]
+        out += [_fine_tune(um.at_gamma(g), g) for g in profile.um.gamma_sweep]
+    if "04" in nbs:
+        out.append(_posthoc("base", lambda ctx, seed: base.load_base(ctx.profile, ctx.data, seed),
+                            lambda p: p.train.epochs))
+        for ft in (f for f in fine_tunes if f in (um.UM, um.UMAP)):
+            out.append(_posthoc(ft.name, lambda ctx, seed, ft=ft: um.load(ctx.profile, ctx.data, seed, ft),
+                                lambda p: p.um.epochs))
+    return {s.name: s for s in out}
+
+
+def of_notebook(profile: Profile, notebook: str) -> list[str]:
+    """The stages whose tables ``notebook`` reads."""
+    return [name for name, s in stages(profile).items() if s.notebook == notebook]
+
+
+def replace_seeds(profile: Profile, seeds) -> Profile:
+    return dataclasses.replace(profile, seeds=tuple(seeds))

@@ -1,0 +1,192 @@
+"""Shards, bundles and merge (ood_lib.shards): what a merge refuses, and that a study run in shards on separate
+"machines" (results folders) and merged gives exactly the metrics.csv of the same study run in one piece."""
+import json
+import tarfile
+
+import pandas as pd
+import pytest
+
+from ood_lib import reproduce, shards, stages
+from ood_lib.config import load_profile
+from ood_lib.data import DatasetMissing, load_dataset
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """``machine(name)`` points the results and figures folders at a fresh folder: another machine's disk."""
+    def use(name):
+        monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path / name / "results"))
+        monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / name / "figures"))
+        return tmp_path / name
+    return use
+
+
+def fake_shard(profile, stage, seed, value=0.5):
+    rows = pd.DataFrame({"notebook": ["01"], "seed": [seed], "model": ["base"], "epoch": [1], "detector": [""],
+                         "id_set": ["fashion_mnist"], "ood_set": [""], "metric": ["id_acc"], "value": [value],
+                         "split": ["test"]})
+    shards._write(profile, stage, seed, {"rows": rows}, {"seconds": 1.0, "device": "cpu (test)"})
+
+
+def test_tables_round_trip_and_are_checked(machine):
+    machine("a")
+    p = load_profile("smoke")
+    fake_shard(p, "base", 0)
+    t = shards.read(p, "base", 0)["rows"]
+    assert t.loc[0, "detector"] == "" and t.loc[0, "notebook"] == "01" and t.loc[0, "value"] == 0.5
+    path = shards.shard_dir(p, "base", 0) / "rows.csv"
+    path.write_text(path.read_text().replace("0.5", "0.6"))  # a changed number never passes unnoticed
+    with pytest.raises(shards.ShardError, match="does not match its manifest"):
+        shards.read(p, "base", 0)
+
+
+def test_pack_is_deterministic_and_merge_puts_it_back(machine, tmp_path):
+    machine("a")
+    p = load_profile("smoke")
+    fake_shard(p, "base", 0)
+    b1 = shards.pack(p, "base", 0, tmp_path / "b1")
+    b2 = shards.pack(p, "base", 0, tmp_path / "b2")
+    assert b1.read_bytes() == b2.read_bytes() and b1.name == "smoke__base__seed0.tar.gz"
+    machine("b")
+    assert not shards.done(p, "base", 0)
+    assert shards.merge(p, [b1], log=lambda s: None) == [("base", 0)]
+    assert shards.read(p, "base", 0)["rows"].loc[0, "value"] == 0.5
+    msgs = []
+    shards.merge(p, [b2], log=msgs.append)  # the same shard again: accepted, nothing changes
+    assert any("already here, identical" in m for m in msgs)
+
+
+def test_merge_refuses_what_it_cannot_trust(machine, tmp_path, monkeypatch):
+    machine("a")
+    p = load_profile("smoke")
+    fake_shard(p, "base", 0)
+    good = shards.pack(p, "base", 0, tmp_path / "good")
+    other = tmp_path / "other"
+    other.mkdir()
+    dup = other / good.name
+    dup.write_bytes(good.read_bytes())
+    machine("b")
+    with pytest.raises(shards.ShardError, match="both stage 'base' of seed 0"):
+        shards.merge(p, [good, dup])
+    # another profile's bundle, and the same profile with other settings (the difference is named)
+    with pytest.raises(shards.ShardError, match="of profile 'smoke', not 'default'"):
+        shards.merge(load_profile("default"), [good])
+    with pytest.raises(shards.ShardError, match=r"train\.epochs: 3 \(bundle\) vs 4 \(here\)"):
+        shards.merge(load_profile("smoke", {"train.epochs": 4}), [good])
+    # a stage the profile does not have
+    fake_shard(p, "nonsense", 0)
+    with pytest.raises(shards.ShardError, match="has no stage 'nonsense'"):
+        shards.merge(p, [shards.pack(p, "nonsense", 0, tmp_path / "n")])
+    # a damaged bundle: truncated, and one whose table was changed after packing
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(shards.ShardError, match="not a readable"):
+        shards.merge(p, [cut])
+    with tarfile.open(good) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    files["base/seed0/rows.csv"] = files["base/seed0/rows.csv"].replace(b"0.5", b"0.7")
+    forged = tmp_path / "forged.tar.gz"
+    with tarfile.open(forged, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            import io
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(shards.ShardError, match="missing or damaged"):
+        shards.merge(p, [forged])
+    assert not shards.done(p, "base", 0)  # nothing was written by any refused merge
+    # bundles of two code versions
+    machine("c")
+    monkeypatch.setattr(shards, "code_digest", lambda: "0123456789abcdef")
+    fake_shard(p, "base", 1)
+    newer = shards.pack(p, "base", 1, tmp_path / "newer")
+    monkeypatch.undo()
+    machine("d")
+    with pytest.raises(shards.ShardError, match="2 code versions"):
+        shards.merge(p, [good, newer])
+    assert shards.merge(p, [good, newer], allow_mixed_code=True, log=lambda s: None) == [("base", 0), ("base", 1)]
+    # a shard already here with other tables
+    machine("e")
+    fake_shard(p, "base", 0, value=0.9)
+    with pytest.raises(shards.ShardError, match="already here with other tables"):
+        shards.merge(p, [good])
+
+
+def test_analysis_without_compute_names_the_missing_shard(machine):
+    machine("a")
+    p = load_profile("smoke")
+    with pytest.raises(shards.ShardError, match="--stages base --seeds 0"):
+        shards.outputs(p, "01", compute=False)
+    fake_shard(p, "base", 0)
+    assert shards.ready_seeds(p, "01") == [0] and shards.ready_seeds(p, "02") == []
+
+
+def test_every_notebook_reads_its_stages():
+    p = load_profile("smoke")
+    reg = stages.stages(p)
+    assert stages.of_notebook(p, "01") == ["base"]
+    assert set(stages.of_notebook(p, "02")) == {"atypical", "no_atypical", "no_atypical_per_class", "no_random"}
+    assert {"gamma", "um", "umap", "ft_ce", "um_gamma0.5"} == set(stages.of_notebook(p, "03"))
+    assert set(stages.of_notebook(p, "04")) == {"posthoc_base", "posthoc_um", "posthoc_umap"}
+    order = list(reg)
+    for name, s in reg.items():  # every dependency comes first
+        assert all(order.index(d) < order.index(name) for d in s.inputs + s.models), name
+    pre = load_profile("cifar10-pretrained")
+    assert set(stages.stages(pre)) == {f"posthoc_{m}" for m in pre.line.pretrained}
+
+
+def test_runner_rejects_bad_shard_arguments(capsys):
+    assert reproduce.main(["--profile", "smoke", "--stages", "bsae"]) == 2
+    assert "unknown stage(s) ['bsae']" in capsys.readouterr().err
+    assert reproduce.main(["--profile", "smoke", "--stages", "base", "--seeds", "7"]) == 2
+    assert "has seeds [0, 1]" in capsys.readouterr().err
+    assert reproduce.main(["--profile", "smoke", "--seeds", "0"]) == 2
+    assert "go with --stages" in capsys.readouterr().err
+
+
+# The cifar10 profile at a tiny scale: real CIFAR-10 and Tiny-ImageNet data, 3 channels, 2 epochs on 512 images.
+TINY = {"data.train_size": 512, "data.id_val_size": 100, "data.id_test_size": 200, "data.ood_size": 200,
+        "model.arch": "resnet_small", "model.options": {"width": 4, "blocks": [1, 1, 1]}, "train.epochs": 2,
+        "train.batch_size": 128, "eval.detectors": ["msp", "maxlogit", "energy", "odin"], "eval.batch_size": 256,
+        "um.epochs": 2, "um.atypical_remove": 50, "um.curve_images": 100, "um.curve_keep": [1.0, 0.965],
+        "um.gamma_sweep": [0.5], "line.sweep_p_a": [0, 90], "line.sweep_p_w": [0, 90],
+        "line.sweep_tau_percentiles": [90, 100], "notebooks": ["01", "02", "03", "04", "05"], "threads": 2}
+
+
+def test_merged_shards_equal_the_one_piece_run(machine, tmp_path):
+    try:
+        for name in ("cifar10", "tinyimagenet32"):
+            load_dataset(name, "test" if name == "cifar10" else "val")
+    except DatasetMissing as e:
+        pytest.fail(f"the CIFAR-10 archives are part of the test data (make test sets OOD_DATA_ROOT): {e}")
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    p = load_profile("cifar10", TINY)
+    first = ["base", "atypical", "gamma", "posthoc_base"]
+    rest = [s for s in stages.stages(p) if s not in first]
+
+    one = machine("one-piece")
+    reproduce.run("cifar10", None, TINY)
+    # machine A: seed 0's base run and what needs its checkpoints
+    machine("a")
+    a = reproduce.run_shards("cifar10", first, [0], TINY, tmp_path / "bundles")
+    # machine B: the rest of seed 0, given A's bundles only: it re-trains the base model (same digest on CPU)
+    machine("b")
+    b = reproduce.run_shards("cifar10", rest, [0], TINY, tmp_path / "bundles", inputs=a[:3])
+    used = shards.manifest(p, "um", 0)["models_used"]["base"]
+    assert used["retrained"] and used["match"], used
+    # machine C: seed 1 in one command
+    machine("c")
+    c = reproduce.run_shards("cifar10", list(stages.stages(p)), [1], TINY, tmp_path / "bundles")
+    merged = machine("merged")
+    assert reproduce.main(["--profile", "cifar10", *sets, "--merge", *map(str, a + b + c)]) == 0
+    assert not (merged / "results/cifar10/cache").exists()  # the analysis trained and scored nothing
+
+    want = (one / "results/cifar10/metrics.csv").read_text()
+    got = (merged / "results/cifar10/metrics.csv").read_text()
+    assert got == want
+    m = pd.read_csv(merged / "results/cifar10/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
+    assert set(m.notebook) == {"01", "02", "03", "04"} and set(m.seed) == {0, 1}
+    assert (merged / "results/cifar10/report.html").exists()
+    timings = pd.read_csv(merged / "results/cifar10/timings.csv", dtype={"notebook": str})
+    assert timings.stage.str.startswith("stage um seed 0").any()  # the real stage times travel with the bundles
+    assert max(len(x.read_bytes()) for x in a + b + c) < 16 * 2**20
