@@ -45,11 +45,24 @@ def spec_like(name, sources, counts, **kw):
     return dataclasses.replace(DATASETS[name], sources=tuple(sources), counts=counts, class_counts={}, **kw)
 
 
+SHARED_DATA = paths.PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def real_data_root(monkeypatch):
+    """The raw-data root by the Makefile's rule: OOD_DATA_ROOT when set, else ../shared/data when it exists."""
+    if paths.data_root() is None and SHARED_DATA.is_dir():
+        monkeypatch.setenv("OOD_DATA_ROOT", str(SHARED_DATA))
+    return paths.data_root()
+
+
 def load_real(name, split):
+    """A real set, found wherever the library looks (use with ``real_data_root``); skipped, with every place
+    looked, only when it is nowhere."""
     try:
         return load_dataset(name, split)
     except DatasetMissing as e:
-        pytest.skip(f"{name} is not installed here (run `make data`): {e}")
+        pytest.skip(f"{name} is not installed here (run `make data`, or set OOD_DATA_ROOT): {e}")
 
 
 # ---------------------------------------------------------------- registry and API
@@ -81,7 +94,7 @@ def test_subset_recomputes_the_checksum():
 # ---------------------------------------------------------------- the real offline sets
 @pytest.mark.parametrize("name, first_train", [("fashion_mnist", [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]),
                                                ("mnist", [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])])
-def test_real_idx_sets(name, first_train):
+def test_real_idx_sets(name, first_train, real_data_root):
     train, test = load_real(name, "train"), load_real(name, "test")
     assert train.x.shape == (60000, 28, 28, 1) and test.x.shape == (10000, 28, 28, 1)
     assert train.x.dtype == np.uint8 and train.y.dtype == np.int64
@@ -96,20 +109,16 @@ def test_real_idx_sets(name, first_train):
         assert abs(train.x.mean() / 255 - 0.2860) < 1e-3
 
 
-def test_real_animal_mnist():
+def test_real_animal_mnist(real_data_root):
     a = load_real("animal_mnist", "test")
     assert a.x.shape == (10000, 28, 28, 1) and list(np.bincount(a.y)) == [1000] * 10
     assert list(a.y[995:1005]) == [0] * 5 + [1] * 5
 
 
-def test_shared_colour_sets(monkeypatch):
-    root = paths.data_root() or paths.PROJECT_ROOT.parent / "shared" / "data"
-    if not (root / "cifar10-jpeg.tar.gz").is_file():
-        pytest.skip(f"no shared data at {root}")
-    monkeypatch.setenv("OOD_DATA_ROOT", str(root))
-    c = load_dataset("cifar10", "test")
+def test_shared_colour_sets(real_data_root):
+    c = load_real("cifar10", "test")
     assert c.x.shape == (10000, 32, 32, 3) and list(np.bincount(c.y)) == [1000] * 10
-    t = load_dataset("tinyimagenet32", "val")
+    t = load_real("tinyimagenet32", "val")
     assert t.x.shape == (10000, 32, 32, 3) and len(np.unique(t.y)) == 200
 
 
