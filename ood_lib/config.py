@@ -312,7 +312,8 @@ def _validate_values(p: Profile, datasets: dict) -> None:
     for param, v, least, none in [("data.train_size", d.train_size, 1, "null (every image)"),
                                   ("data.id_val_size", d.id_val_size, 1, None),
                                   ("data.id_test_size", d.id_test_size, 1, "null (the whole split)"),
-                                  ("data.ood_size", d.ood_size, 2, "null (every image); it is halved into val and test"),
+                                  ("data.ood_size", d.ood_size, 2,
+                                   "null (every image); it is halved into val and test"),
                                   ("data.input_size", d.input_size, 1, None)]:
         if v is not None and v < least:
             bad(param, v, f"at least {least}" + (f", or {none}" if none else ""))

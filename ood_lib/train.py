@@ -174,7 +174,10 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     start = 1
     state_path = run_dir / "state.pt"
     if state_path.exists():
-        state = read_checkpoint(state_path, _retrain_hint(run_dir), map_location=device, weights_only=False)
+        state = read_checkpoint(state_path, "It is the resume state: it holds the optimizer state that an exact "
+                                "resume needs and that is kept nowhere else, so the run cannot continue from its "
+                                "epoch checkpoints. " + _retrain_hint(run_dir), map_location=device,
+                                weights_only=False)
         if state["config"] != cfg.__dict__ or state["seed"] != seed:
             raise ValueError(f"{state_path} was written by another configuration or seed; "
                              f"remove {run_dir} to train afresh")

@@ -12,7 +12,8 @@ from ood_lib.config import ProfileError, load_profile
     ({"seeds": [1, 2, 1]}, "seeds", r"distinct.*got \[1, 2, 1\]"),
     ({"data.id_set": "mnist"}, "data.id_set", r"not also among data.ood_sets.*got 'mnist'"),
     ({"data.id_set": "animal_mnist", "data.ood_sets": ["mnist"]}, "data.id_set",
-     r"train and a test split \(animal_mnist has the split\(s\) test\); allowed: \[.*'fashion_mnist'.*got 'animal_mnist'"),
+     r"train and a test split \(animal_mnist has the split\(s\) test\); allowed: \[.*'fashion_mnist'"
+     r".*got 'animal_mnist'"),
     ({"data.id_set": "textures", "data.ood_sets": ["mnist"]}, "data.id_set", r"no labels"),
     ({"data.ood_sets": ["mnist", "mnist"]}, "data.ood_sets", "distinct"),
     ({"data.ood_sets": []}, "data.ood_sets", "at least one"),
