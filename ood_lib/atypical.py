@@ -1,4 +1,5 @@
-"""Atypical training samples (research/unleashing_mask.md §2): two views of them, and the experiment of the claim.
+"""Atypical training samples (Unleashing Mask, Zhu et al., ICML 2023; ``docs/methods.md`` §1.6): two views of
+them, and the experiment of the claim.
 
 * Mask sensitivity of the FINAL model: for every training image, averaged over random masks (``um.mask_keep``,
   ``um.mask_seeds``; the masks of gamma): the increase of its cross-entropy, KL(masked ‖ full) between the masked
@@ -10,7 +11,7 @@
   the next; Toneva et al., ICLR 2019).
 * The experiment: train the base recipe on the training set without its top-k atypical images, without the top-k
   atypical within each class (each class loses its share of k), and without k random images, with the logit
-  detectors scored on the test sets after every epoch.
+  detectors scored on the test sets after every epoch. Each base seed picks its own images (``removed_images``).
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ood_lib import detectors
 from ood_lib.atomic import atomic_write
 from ood_lib.results import note_work
+from ood_lib.train import fast_paths
 
 # ITU-R BT.601 luma weights, for colour images fed to a grayscale model.
 LUMA = (0.299, 0.587, 0.114)
@@ -139,10 +140,10 @@ def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device, 
             amp: bool = False) -> dict[str, np.ndarray]:
     """Logits and penultimate features (float32) of uint8 images (N, C, H, W), model in eval mode."""
     model.eval().to(device)
-    cuda = device.type == "cuda"
+    bf16, channels_last = fast_paths(device, amp, amp)
     logits, feats = [], []
-    for x in _batches(images, batch_size, device, channels_last=cuda and amp):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and amp):
+    for x in _batches(images, batch_size, device, channels_last=channels_last):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             f = model.features(x)
             z = model.fc(f)
         logits.append(z.float().cpu())

@@ -18,6 +18,7 @@ lent GPU or as cluster jobs; ``outputs(..., compute=False)`` never trains, it na
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -52,8 +53,10 @@ def profile_digest(profile: Profile) -> str:
     return profile.digest(*DIGEST_SECTIONS)
 
 
+@functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """SHA-256 over the library's source files (path and content): the code version a bundle was computed by."""
+    """SHA-256 over the library's source files (path and content) as this process found them first: the code
+    version a bundle was computed by."""
     h = hashlib.sha256()
     root = PROJECT_ROOT / "ood_lib"
     for path in sorted(root.rglob("*.py")):

@@ -51,6 +51,18 @@ class CheckpointDamaged(RuntimeError):
     """A checkpoint whose content does not match its recorded SHA-256, or that cannot be read at all."""
 
 
+# Device types on which training and extraction take the fast paths of TrainConfig: bf16 autocast and channels-last
+# tensors. Elsewhere (the CPU) they run in exact float32, deterministically. Tests add "cpu" here to exercise the
+# GPU-only code paths on a machine without one (tests/test_train.py).
+FAST_PATH_DEVICES = ("cuda",)
+
+
+def fast_paths(device: torch.device, bf16: bool, channels_last: bool) -> tuple[bool, bool]:
+    """(bf16 autocast, channels-last) as used on ``device``: what is asked for, on a device of FAST_PATH_DEVICES."""
+    on = device.type in FAST_PATH_DEVICES
+    return on and bf16, on and channels_last
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +177,8 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     cuda = device.type == "cuda"
-    if cuda and cfg.channels_last:
+    bf16, channels_last = fast_paths(device, cfg.bf16, cfg.channels_last)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     images, labels = images.to(device), labels.to(device)
     opt = torch.optim.SGD(model.parameters() if parameters is None else parameters, lr=cfg.lr, momentum=cfg.momentum,
@@ -208,9 +221,9 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
                 continue
             x = augment(images[idx].float().div_(255), gen, cfg.crop_padding, cfg.flip)
             y = labels[idx]
-            if cuda and cfg.channels_last:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and cfg.bf16):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(x)
                 ce = F.cross_entropy(out.float(), y)
             loss = ce if objective is None else objective(ce)

@@ -90,10 +90,16 @@ def test_notebook_02_atypicality_and_the_experiment(smoke_run):
     assert (curve.loss > 0).all() and curve.masked.between(0, 1).all()
     prov = json.loads((out / "results/smoke/provenance.json").read_text())["02"]
     removed = prov["removed"]
-    assert {len(v) for v in removed.values()} == {p.um.atypical_remove} and len(removed) == 3
-    # the removed atypical images are the top-k of the seed-mean KL
-    kl = per_seed.groupby("image").kl.mean()
-    assert set(removed["no_atypical"]) == set(kl.sort_values(ascending=False, kind="stable").index[:p.um.atypical_remove])
+    assert len(removed) == 3 and {len(idx) for by_seed in removed.values() for idx in by_seed.values()} == {
+        p.um.atypical_remove}
+    for seed in p.seeds:  # each seed removes the top-k of its own final model's KL, and per class its share of k
+        kl = per_seed[per_seed.seed == seed].set_index("image").kl
+        top = kl.sort_values(ascending=False, kind="stable").index[:p.um.atypical_remove]
+        assert set(removed["no_atypical"][str(seed)]) == set(top)
+        labels = per_seed[per_seed.seed == seed].set_index("image").label
+        share = labels.loc[removed["no_atypical_per_class"][str(seed)]].value_counts()
+        assert (share - labels.value_counts().loc[share.index] * p.um.atypical_remove / len(labels)).abs().max() < 1
+    assert removed["no_random"]["0"] != removed["no_random"]["1"]
     for stem in ("02_loss_vs_mask_ratio", "02_atypicality_views", "02_atypical_gallery", "02_without_atypical_energy"):
         assert (out / f"figures/smoke/{stem}.png").exists()
     text = json.dumps(json.loads((out / "results/smoke/notebooks/02_atypical_samples.ipynb").read_text()))

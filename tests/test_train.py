@@ -115,3 +115,56 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
         train(model, x, y, CFG, seed=0, run_dir=tmp_path, device=torch.device("cpu"), on_epoch_end=poison,
               log=lambda s: None)
     assert (tmp_path / "epoch_001.pt").exists() and not (tmp_path / "epoch_002.pt").exists()
+
+
+# --- the GPU-only paths (bf16 autocast, channels-last), exercised on the CPU ---------------------------------------
+
+def test_fast_paths_are_off_on_the_cpu_and_on_where_listed(monkeypatch):
+    from ood_lib import train as train_mod
+
+    cpu = torch.device("cpu")
+    assert train_mod.fast_paths(cpu, True, True) == (False, False)  # CPU runs stay exact float32
+    assert train_mod.fast_paths(torch.device("cuda"), True, False) == (True, False)
+    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    assert train_mod.fast_paths(cpu, True, True) == (True, True)
+
+
+def test_training_on_the_gpu_paths_runs_in_bf16_and_channels_last(tmp_path, monkeypatch):
+    """The code that runs only on CUDA (autocast to bf16, channels-last weights and batches) executed on the CPU: the
+    convolutions see bf16 channels-last inputs, and the losses follow the float32 run's to bf16 precision."""
+    from ood_lib import train as train_mod
+
+    x, y = _data()
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, crop_padding=2, flip=True)
+    exact = train(_model(), x, y, cfg, seed=0, run_dir=tmp_path / "fp32", device=torch.device("cpu"),
+                  log=lambda s: None)
+    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    model = _model()
+    seen = []
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # one with several input channels
+    assert conv.in_channels > 1
+    conv.register_forward_hook(lambda m, inp, out: seen.append(
+        (out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous(),
+         m.weight.is_contiguous(memory_format=torch.channels_last))))
+    fast = train(model, x, y, cfg, seed=0, run_dir=tmp_path / "bf16", device=torch.device("cpu"), log=lambda s: None)
+    assert seen and all(dtype == torch.bfloat16 for dtype, _, _ in seen)
+    assert all(cl_in and cl_w for _, cl_in, cl_w in seen)
+    for a, b in zip(exact, fast):
+        assert math.isfinite(b["train_loss"]) and b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+    # the saved weights are plain float32 and load into a fresh model
+    assert all(v.dtype in (torch.float32, torch.int64) for v in load_epoch(_model(), tmp_path / "bf16", 2)
+               .state_dict().values())
+
+
+def test_extraction_on_the_gpu_paths_matches_float32(monkeypatch):
+    from ood_lib import train as train_mod
+    from ood_lib.features import extract
+
+    x, _ = _data(n=40)
+    model = _model().eval()
+    exact = extract(model, x, torch.device("cpu"), batch_size=16, amp=True)  # amp asked, but off on the CPU
+    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    fast = extract(model, x, torch.device("cpu"), batch_size=16, amp=True)
+    assert exact["logits"].dtype == fast["logits"].dtype == "float32"
+    rel = abs(fast["logits"] - exact["logits"]).max() / abs(exact["logits"]).max()
+    assert 0 < rel < 2e-2  # bf16 differs from float32, by bf16's precision only
