@@ -12,7 +12,7 @@ ifeq ($(origin OOD_DATA_ROOT), undefined)
   endif
 endif
 
-.PHONY: all venv data browser test reproduce benchmark clean-results
+.PHONY: all venv data browser slurm test reproduce benchmark clean-results
 all: test
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -30,7 +30,11 @@ data: venv
 browser:
 	bash scripts/install_browser.sh
 
-test: data browser
+# Debian's slurm-wlm and munge, for the one-node cluster of the job tests (tests/test_cluster.py).
+slurm:
+	bash scripts/install_slurm.sh
+
+test: data browser slurm
 	$(PY) -m pytest -q
 
 reproduce: data
