@@ -124,6 +124,44 @@ def _list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _job_options(args):
+    """The ``cluster.Options`` of ``--executor slurm|submitit-local``; None for the runner without jobs. Job options
+    without such an executor, or an executor with --stages/--merge/--plan, are a usage error."""
+    given = [f"--{k.replace('_', '-')}" for k in ("slurm_partition", "cpus_per_job", "mem_per_job", "time_per_job",
+                                                   "max_retries", "max_jobs", "poll_seconds")
+             if getattr(args, k) is not None]
+    given += ["--gpus-per-job"] * bool(args.gpus_per_job) + ["--slurm-option"] * bool(args.slurm_option)
+    given += ["--job-per"] * (args.job_per != "stage") + ["--no-analysis"] * args.no_analysis
+    if args.executor == "local":
+        if given or (args.shared_dir and not args.plan):
+            raise ProfileError(f"{', '.join(given) or '--shared-dir'} go{'es' if len(given) < 2 else ''} with "
+                               "--executor slurm or submitit-local")
+        return None
+    if args.stages or args.merge or args.plan:
+        raise ProfileError(f"--executor {args.executor} runs the whole study: not with --stages, --merge or --plan")
+    from ood_lib import cluster
+
+    numbers = {"--gpus-per-job": args.gpus_per_job, "--cpus-per-job": args.cpus_per_job,
+               "--max-retries": args.max_retries, "--max-jobs": args.max_jobs, "--time-per-job": args.time_per_job,
+               "--mem-per-job": args.mem_per_job, "--poll-seconds": args.poll_seconds}
+    low = {"--gpus-per-job": 0, "--max-retries": 0}
+    bad = [f"{k} {v}" for k, v in numbers.items() if v is not None and v < low.get(k, 1e-9)]
+    if bad:
+        raise ProfileError(f"{', '.join(bad)}: must be positive (--gpus-per-job and --max-retries may be 0)")
+    extra = {}
+    for item in args.slurm_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ProfileError(f"--slurm-option {item!r}: expected KEY=VALUE, e.g. account=myproject")
+        extra[key.strip().lstrip("-")] = value.strip()
+    kw = {"cpus_per_job": args.cpus_per_job, "mem_gb": args.mem_per_job, "time_min": args.time_per_job,
+          "max_retries": args.max_retries, "max_jobs": args.max_jobs, "poll_s": args.poll_seconds}
+    return cluster.Options(executor=args.executor, shared_dir=args.shared_dir, partition=args.slurm_partition,
+                           gpus_per_job=args.gpus_per_job, per=args.job_per, slurm_parameters=extra,
+                           analysis=not args.no_analysis,
+                           **{k: v for k, v in kw.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ood_lib.reproduce", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +181,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --stages: bundles from other machines that these stages read")
     ap.add_argument("--allow-mixed-code", action="store_true", help="with --merge: accept bundles computed by "
                                                                     "different versions of the library")
+    jobs = ap.add_argument_group("jobs (ood_lib.cluster, docs/cluster.md)")
+    jobs.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                      help="local (default): the notebooks compute their stages in this process; slurm: every "
+                           "(stage, seed) as a Slurm job through submitit, then the analysis here (local processes "
+                           "when sbatch is missing); submitit-local: those jobs as local processes")
+    jobs.add_argument("--shared-dir", type=Path, default=None, help="a folder every node sees at the same path: "
+                      "results (and caches, checkpoints, job logs) go to DIR/results, figures to DIR/figures "
+                      "(default: this machine's results and figures folders); also with --plan")
+    jobs.add_argument("--slurm-partition", default=None, help="Slurm partition of the jobs (default: the cluster's)")
+    jobs.add_argument("--gpus-per-job", type=int, default=0, help="GPUs per job (default 0)")
+    jobs.add_argument("--cpus-per-job", type=int, default=None, help="CPUs per job (default 2)")
+    jobs.add_argument("--mem-per-job", type=float, default=None, metavar="GB", help="memory per job in GB")
+    jobs.add_argument("--time-per-job", type=int, default=None, metavar="MIN",
+                      help="time limit per job in minutes (default 1440); a job past it requeues and resumes")
+    jobs.add_argument("--max-retries", type=int, default=None, help="resubmissions of a failing job (default 2)")
+    jobs.add_argument("--job-per", choices=("stage", "seed"), default="stage",
+                      help="one job per (stage, seed) (default) or one job per seed running all its stages")
+    jobs.add_argument("--max-jobs", type=int, default=None, help="at most this many jobs queued at once")
+    jobs.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="any further sbatch option, e.g. --slurm-option account=proj (repeatable)")
+    jobs.add_argument("--poll-seconds", type=float, default=None, help="seconds between looks at the queue "
+                                                                       "(default 5)")
+    jobs.add_argument("--no-analysis", action="store_true", help="only the jobs; the analysis later with the same "
+                                                                 "command (nothing is submitted again)")
     args = ap.parse_args(argv)
     from ood_lib import shards
 
@@ -160,9 +222,22 @@ def main(argv: list[str] | None = None) -> int:
             unknown = [s for s in _list(args.stages) if s not in registry]
             if unknown:
                 raise ProfileError(f"unknown stage(s) {unknown} of profile {profile.name!r}; allowed: {list(registry)}")
+        job_options = _job_options(args)
     except (ProfileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.shared_dir and args.plan:  # the status of a study whose jobs write to a shared folder
+        import os
+        os.environ["OOD_RESULTS_DIR"] = str(args.shared_dir.expanduser().resolve() / "results")
+    if job_options is not None:
+        from ood_lib import cluster
+
+        try:
+            cluster.run(args.profile, notebooks, overrides, job_options)
+        except cluster.ClusterError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         if args.plan:
             table = shards.plan(profile)
