@@ -47,6 +47,7 @@ import csv
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -131,6 +132,10 @@ class StageJob(submitit.helpers.Checkpointable):
     from the stages' own checkpoints."""
 
     def __call__(self, spec: JobSpec) -> dict:
+        # submitit ignores SIGTERM (to finish a checkpoint after its own pre-emption signal); a stage has nothing
+        # to save (its epoch checkpoints are written as it goes), so a cancelled or killed job stops at once
+        # instead of training on for Slurm's KillWait seconds.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         host = socket.gethostname()
         marker = Path(spec.marker)
         try:
@@ -138,9 +143,10 @@ class StageJob(submitit.helpers.Checkpointable):
         except OSError:
             seen = None
         if seen != spec.token:
+            what = "missing" if seen is None else "of another run"
             raise SharedDirError(f"{spec.unit.describe()} on host {host} cannot see the shared folder: the marker "
-                                 f"{marker} that the submitter wrote is {'missing' if seen is None else 'another run'}"
-                                 "'s. Give --shared-dir a folder that every node mounts at the same path")
+                                 f"{marker} that the submitter wrote is {what}. Give --shared-dir a folder that "
+                                 "every node mounts at the same path")
         os.environ.update(spec.env)
         fail = os.environ.get(FAIL_ENV, "")
         for target in filter(None, (t.strip() for t in fail.split(","))):
@@ -209,10 +215,10 @@ def slurm_available() -> bool:
 
 
 def _squeue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """``{job id: (state, node or pending reason)}`` of the jobs squeue still lists (all states)."""
+    """``{job id: (state, node)}`` of the jobs squeue still lists (all states; node "" while pending)."""
     if not job_ids:
         return {}
-    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%R"],
+    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%N"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
@@ -375,7 +381,7 @@ class Study:
             for a in active:
                 state, where = listed.get(a.job.job_id, ("NOT LISTED", a.where))
                 a.state = state.split()[0] if state else "UNKNOWN"
-                a.where = where
+                a.where = where or a.where
                 if a.state not in ACTIVE_STATES:
                     a.ended = time.time()
         else:
@@ -466,6 +472,10 @@ class Study:
             tries[unit] = tries.get(unit, 0) + 1
             spec = JobSpec(p.name, self.overrides, unit, env, str(marker), token)
             job = self._executor(unit, self.run_dir).submit(StageJob(), spec)
+            try:  # the executor's own folder, named by the pattern; empty once the job has its own
+                (self.run_dir / unit.name / "%j").rmdir()
+            except OSError:
+                pass
             a = Attempt(unit, spec, tries[unit], job, time.time())
             self.attempts.append(a)
             active.append(a)
@@ -512,16 +522,17 @@ class Study:
             self._record(a, "done")
             self.log(f"[{_now()}] {a.unit.name} done (job {a.job.job_id}; its manifests showed up late)")
             return
-        a.error = a.python_error()
+        error = a.python_error()
+        unseen = "SharedDirError" in error
         no_log = not a.log.exists()
-        reason = a.error or (f"Slurm state {a.state}" + (" with no log: can its node see the shared folder?"
-                                                          if no_log else ""))
+        a.error = reason = error or (f"job state {a.state}" + (" and no log: can its node see the shared folder?"
+                                                                if no_log else ""))
         self._record(a, "failed")
         self.log(f"[{_now()}] {a.unit.describe()} ended without its results (job {a.job.job_id}, state {a.state}"
                  f"{' on ' + a.where if a.where else ''}): {reason}")
-        if "SharedDirError" in a.error or a.number > o.max_retries:
+        if unseen or a.number > o.max_retries:
             ids = [x.job.job_id for x in self.attempts if x.unit == a.unit]
-            why = ("it cannot see the shared folder" if "SharedDirError" in a.error
+            why = ("it cannot see the shared folder" if unseen
                    else f"it failed {a.number} time{'s' if a.number > 1 else ''}")
             raise ClusterError(
                 f"{a.unit.describe()} stopped the study: {why} (job id{'s' if len(ids) > 1 else ''} "

@@ -17,7 +17,7 @@ have_all() {
 }
 
 if have_all; then
-    say "slurm and munge already installed: $(/usr/bin/sbatch --version 2>/dev/null || echo '?')"
+    say "slurm and munge already installed: slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm 2>/dev/null || echo '?')"
     exit 0
 fi
 
@@ -49,4 +49,4 @@ if [[ ! -s /etc/munge/munge.key ]]; then
     $SUDO chmod 400 /etc/munge/munge.key
 fi
 have_all || { echo "[install_slurm] slurm-wlm/munge installed but a program is missing" >&2; exit 1; }
-say "installed $(/usr/bin/sbatch --version 2>/dev/null || echo slurm) and munge in $((SECONDS - t0)) s"
+say "installed slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm) and munge in $((SECONDS - t0)) s"

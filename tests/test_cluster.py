@@ -245,20 +245,26 @@ def test_jobs_on_slurm_give_the_metrics_of_a_local_run(slurm, reference, folder)
     jobs = _jobs_csv(shared)
     assert {r["job"] for r in jobs} == {u.name for u in units} >= {"base_seed0", "gamma_seed0", "um_seed0"}
     assert all(Path(r["log"]).exists() for r in jobs)
-    done = {r["job"]: float(time.mktime(time.strptime(r["time"], "%Y-%m-%dT%H:%M:%S")))
-            for r in jobs if r["event"] == "done"}
-    submitted = {r["job"]: float(time.mktime(time.strptime(r["time"], "%Y-%m-%dT%H:%M:%S")))
+    # every job was submitted once the stages it depends on had their manifests (the submitter's clock, in s)
+    submitted = {r["job"]: time.mktime(time.strptime(r["time"], "%Y-%m-%dT%H:%M:%S"))
                  for r in jobs if r["event"] == "submitted"}
-    assert submitted["um_seed0"] >= done["gamma_seed0"] and submitted["gamma_seed0"] >= done["base_seed0"] - 1
+    p = load_profile("smoke", TINY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OOD_RESULTS_DIR", str(shared / "results"))
+        for u in units:
+            for dep in u.needs:
+                written = (shards.shard_dir(p, dep, u.seed) / shards.MANIFEST).stat().st_mtime
+                assert submitted[u.name] >= int(written), (u.name, dep)
     # the same command again: nothing is submitted, only the analysis runs
-    again = cluster.run("smoke", ["01"], TINY, cluster.Options(executor="slurm", shared_dir=shared, analysis=False,
-                                                              **FAST))
+    again = cluster.run("smoke", NOTEBOOKS, TINY, cluster.Options(executor="slurm", shared_dir=shared,
+                                                                 analysis=False, **FAST))
     assert again["attempts"] == 0
 
 
 @pytest.fixture(scope="module")
 def killed(slurm, tmp_path_factory):
-    """The base job of notebook 01 cancelled with scancel once its first epoch checkpoint is written."""
+    """The base job of notebook 01 cancelled with scancel once its first epoch is saved (state.pt, written after
+    the epoch's checkpoint and scores), while it trains the second."""
     shared = tmp_path_factory.mktemp("killed")
     p = load_profile("smoke", TINY)
     from ood_lib import base
@@ -271,13 +277,13 @@ def killed(slurm, tmp_path_factory):
     def kill_mid_training():
         t0 = time.time()
         while time.time() - t0 < 300:
-            if (run_dir / "epoch_001.pt").exists():
+            if (run_dir / "state.pt").exists():
                 if not (run_dir / f"epoch_{p.train.epochs:03d}.pt").exists():
                     proc = subprocess.run(["scancel", "--name", "ood-smoke-base_seed0"], capture_output=True,
                                           text=True)
                     cancelled.append(proc.returncode == 0)
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_mid_training, daemon=True)
     killer.start()
