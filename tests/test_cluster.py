@@ -8,6 +8,7 @@ run of ``reproduce.run`` of the same overrides in another folder. Where the mach
 no sudo, no apt, daemons that do not come up) the Slurm tests are skipped with the reason, as a warning too.
 """
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -333,10 +334,12 @@ def test_a_job_that_cannot_see_the_shared_folder_says_so(slurm, folder, monkeypa
     assert time.perf_counter() - t0 < 120
 
 
-def test_without_slurm_the_jobs_run_as_local_processes(reference, folder, monkeypatch, capsys):
+def test_without_slurm_the_same_command_runs_the_jobs_as_local_processes(reference, folder, monkeypatch, capsys):
     shared = folder("local")
     monkeypatch.setattr(cluster, "slurm_available", lambda: False)
-    out = cluster.run("smoke", ["01"], TINY, cluster.Options(executor="slurm", shared_dir=shared, analysis=False,
-                                                            **FAST))
-    assert "run here as local processes" in capsys.readouterr().out and out["attempts"] == 1
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert reproduce.main(["--profile", "smoke", "--notebooks", "01", *sets, "--executor", "slurm", "--shared-dir",
+                           str(shared), "--cpus-per-job", "1", "--poll-seconds", "1", "--no-analysis"]) == 0
+    out = capsys.readouterr().out
+    assert "run here as local processes" in out and "submitted job base_seed0" in out
     _same_tables(_tables(shared, "base", 0), _tables(reference, "base", 0))
