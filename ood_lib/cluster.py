@@ -31,7 +31,8 @@ Design (why it is built this way):
   jobs still running are cancelled (they resume from their checkpoints next time); finished shards stay.
 * Job states come from ``squeue`` (jobs stay listed ``MinJobAge`` seconds after they end), not from ``sacct``, which
   needs Slurm's accounting database (absent on small clusters and on the tests' one-node cluster). A job no longer
-  listed is judged by its manifests and by submitit's result file (its Python error, when it raised one).
+  listed is judged by its manifests and by submitit's result file (its Python error, when it raised one). A
+  squeue that fails (a busy or restarting controller) is asked again at the next poll, for up to 15 minutes.
 * Where state lives: one shared folder (``shared_dir``; default: the results folder this process uses, which must
   then be on a filesystem every node mounts at the same path). It becomes ``OOD_RESULTS_DIR`` (``<shared>/results``)
   and ``OOD_FIGURES_DIR`` (``<shared>/figures``) for the jobs and for the analysis. Every job first checks a marker
@@ -68,6 +69,7 @@ SIGNAL_DELAY_S = 120           # Slurm warns a job this long before its time lim
 MAX_TIMEOUTS = 3               # requeues after a time limit or pre-emption signal, per job (submitit)
 FAIL_ENV = "OOD_CLUSTER_FAIL"  # test hook: "stage" or "stage:seed" makes those jobs raise before any work
 MARKER = "shared-dir-marker"
+SQUEUE_PATIENCE_S = 900        # squeue may fail this long (a restarting controller) before the study stops
 # Slurm states of a job that is not over yet (any other state, or a job squeue no longer lists, is over).
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
@@ -75,6 +77,10 @@ ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", 
 
 class ClusterError(RuntimeError):
     """The study's jobs cannot go on: a job that keeps failing, a shared folder a job cannot see, a bad option."""
+
+
+class SqueueError(RuntimeError):
+    """squeue did not answer (a busy or restarting controller): the submitter waits and asks again."""
 
 
 class SharedDirError(RuntimeError):
@@ -218,12 +224,15 @@ def _squeue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """``{job id: (state, node)}`` of the jobs squeue still lists (all states; node "" while pending)."""
     if not job_ids:
         return {}
-    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%N"],
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%N"],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise SqueueError("squeue did not answer within 120 s") from None
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
             return {}  # none of them is listed any more
-        raise ClusterError(f"squeue failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise SqueueError(f"squeue failed ({proc.returncode}): {proc.stderr.strip()}")
     out = {}
     for line in proc.stdout.splitlines():
         parts = line.strip().split("|")
@@ -346,6 +355,7 @@ class Study:
             self.kind = "submitit-local"
         self.results_root, self.figures_root = _shared_paths(options.shared_dir)
         self.attempts: list[Attempt] = []
+        self.squeue_failing_since: float | None = None
 
     # environment of the jobs and of the analysis
     def env(self) -> dict[str, str]:
@@ -377,7 +387,15 @@ class Study:
     def _states(self, active: list[Attempt]) -> None:
         """Update ``state``/``where`` of the active attempts; an attempt that is over gets ``ended``."""
         if self.kind == "slurm":
-            listed = _squeue([a.job.job_id for a in active])
+            try:
+                listed = _squeue([a.job.job_id for a in active])
+                self.squeue_failing_since = None
+            except SqueueError as e:  # the jobs go on without us: ask again next time, give up after a while
+                since = self.squeue_failing_since = self.squeue_failing_since or time.time()
+                if time.time() - since > SQUEUE_PATIENCE_S:
+                    raise ClusterError(f"{e}; squeue has failed for {time.time() - since:.0f} s") from None
+                self.log(f"[{_now()}] {e}; asking again in {self.options.poll_s:g} s")
+                return
             for a in active:
                 state, where = listed.get(a.job.job_id, ("NOT LISTED", a.where))
                 a.state = state.split()[0] if state else "UNKNOWN"
