@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ood_lib import metrics
+from ood_lib import epochs, metrics
 from ood_lib.config import Profile
 from ood_lib.data import DATASETS, ImageArrays, load_dataset
 from ood_lib.detectors import LOGIT_DETECTORS
@@ -217,14 +217,16 @@ def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str]
         torch.set_num_threads(profile.threads)
     torch.manual_seed(seed)
     model = build_model(profile, data)
-    on_epoch_end = epoch_scorer(profile, data, feature_cache(profile), device, profile.eval.detectors, all_sets(data))
+    on_epoch_end = epoch_scorer(profile, data, feature_cache(profile), device, logit_detectors(profile), all_sets(data))
     history = train(model, data.train_images, data.train_labels, profile.train, seed, run_dir(profile, seed),
                     device, on_epoch_end=on_epoch_end, log=log)
     return pd.DataFrame(history).assign(seed=seed)
 
 
 def evaluate_run(profile: Profile, data: StudyData, seed: int, cache: FeatureCache | None = None) -> pd.DataFrame:
-    """Metric rows of every epoch of a trained seed, from the feature cache (weights reloaded per epoch)."""
+    """Metric rows of a trained seed, from the feature cache (weights reloaded per epoch): the logit detectors at
+    every epoch; the others (ODIN: three passes with an input gradient) at the final epoch and the epochs the
+    selection rules of ``ood_lib.epochs`` pick for the selection detector, which is where notebook 01 reads them."""
     device = resolve_device(profile.device)
     torch.manual_seed(seed)
     model = build_model(profile, data)
@@ -233,8 +235,17 @@ def evaluate_run(profile: Profile, data: StudyData, seed: int, cache: FeatureCac
     rows = []
     for epoch in range(1, profile.train.epochs + 1):
         load_epoch(model, run_dir(profile, seed), epoch)
-        scored = score_sets(profile, model, weights_digest(model), sets, cache, device)
+        scored = score_sets(profile, model, weights_digest(model), sets, cache, device, logit_detectors(profile))
         rows += metric_rows(profile, scored, data, seed, epoch, "base", NOTEBOOK)
+    costly = tuple(d for d in profile.eval.detectors if d not in LOGIT_DETECTORS)
+    if costly:
+        sel = profile.eval.selection_detector
+        picks = epochs.selected_epochs(pd.DataFrame(rows)).set_index("detector").loc[sel]
+        for epoch in sorted({int(picks[rule]) for rule in epochs.RULES}):
+            load_epoch(model, run_dir(profile, seed), epoch)
+            scored = score_sets(profile, model, weights_digest(model), sets, cache, device, costly)
+            rows += [r for r in metric_rows(profile, scored, data, seed, epoch, "base", NOTEBOOK)
+                     if r["metric"] != "id_acc"]
     return pd.DataFrame(rows)
 
 

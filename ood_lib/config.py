@@ -76,7 +76,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class LineConfig:
-    """Notebook 04: LINe's setting (research/line.md §1.5; CIFAR-10: p_a 90, p_w 90, tau 1.0), the grids of its
+    """Notebook 04: LINe's setting (``docs/methods.md`` §2; CIFAR-10: p_a 90, p_w 90, tau 1.0), the grids of its
     sensitivity study, and the detectors compared with it. p_a and p_w are percentiles PRUNED."""
     p_a: float = 90.0
     p_w: float = 90.0
@@ -93,7 +93,7 @@ class LineConfig:
 
 @dataclass(frozen=True)
 class UMConfig:
-    """Notebooks 02-03: Unleashing Mask (research/unleashing_mask.md §2-3). Every mask fraction here is the fraction
+    """Notebooks 02, 03 and 06: Unleashing Mask (``docs/methods.md`` §1). Every mask fraction here is the fraction
     of each conv/linear layer's weights KEPT (the paper's ``prune_rate``): 0.965 masks 3.5%, 0.8 prunes 20%."""
     mask_keep: float = 0.965          # random mask of gamma and of the atypicality scores (paper: 0.965)
     mask_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # gamma and atypicality are averaged over these random masks
@@ -101,13 +101,18 @@ class UMConfig:
     curve_images: int | None = 2000   # training images the loss-vs-mask-ratio curve averages over; None = all
     atypical_remove: int = 1000       # k: the top-k atypical (or k random) training images left out (paper: 1000)
     gallery_size: int = 5             # images per class shown as most / least atypical
-    gamma: float | None = None        # flood level; None = the mean over mask_seeds of the masked final model's loss
+    gamma: float | None = None        # flood level; None = the median over mask_seeds of the masked final model's loss
     gamma_sweep: tuple[float, ...] = ()  # extra UM runs at these fixed flood levels: how much gamma matters
     epochs: int = 100                 # UM / UMAP schedule: from the final base model, SGD + cosine (paper: 100, 0.1)
     lr: float = 0.1
     umap_keep: float = 0.8            # UMAP keeps the top 80% |score| of every layer (prunes 20%)
     umap_train_weights: bool = False  # False: only the scores learn (the paper's CIFAR-10 setting)
     ce_control: bool = True           # also fine-tune with plain cross-entropy on the same schedule (no flooding)
+    rule_b: bool = True               # also UM at gamma by rule B (um.RuleB: the base run's loss at its ID-val minimum)
+    # Notebook 06: the same fine-tunes from the authors' own final model, a checkpoint of models.PRETRAINED
+    paper_checkpoint: str | None = None   # e.g. um_densenet_cifar10; None: notebook 06 has nothing to run
+    paper_gamma: float | None = None      # the flood level the authors configured for it (0.15 for that checkpoint)
+    paper_seeds: tuple[int, ...] = (0,)   # fine-tuning seeds (batch order, augmentation, UMAP's initial scores)
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ class Profile:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-NOTEBOOKS = ("00", "01", "02", "03", "04", "05")
+NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06")
 
 
 def available_profiles() -> list[str]:
@@ -390,6 +395,14 @@ def _validate_values(p: Profile, datasets: dict) -> None:
         bad("um.curve_images", u.curve_images, "at least 1, or null (every training image)")
     if not u.lr > 0:
         raise ProfileError(f"profile {p.name!r}: um.lr must be positive, got {u.lr}")
+    if u.paper_checkpoint is not None:
+        from ood_lib.models import PRETRAINED
+        if u.paper_checkpoint not in PRETRAINED:
+            bad("um.paper_checkpoint", u.paper_checkpoint, f"a checkpoint of {sorted(PRETRAINED)}, or null")
+        if u.paper_gamma is None or not u.paper_gamma > 0:
+            bad("um.paper_gamma", u.paper_gamma, "the positive flood level the authors used for um.paper_checkpoint")
+        if not u.paper_seeds or len(set(u.paper_seeds)) != len(u.paper_seeds) or set(u.paper_seeds) - set(p.seeds):
+            bad("um.paper_seeds", list(u.paper_seeds), f"distinct seeds among the profile's seeds {list(p.seeds)}")
 
 
 _MODEL_CHECKS: dict[str, str | None] = {}   # arguments (JSON) -> the error they gave, or None

@@ -7,7 +7,9 @@ Four rules pick one epoch per seed and detector; each is then reported on the TE
   * ``ood_val``  the epoch with the lowest mean FPR95 on held-out halves of the OOD sets (against held-out
                  ID validation images): legitimate when a few OOD examples of the same kind may be assumed;
   * ``id_val``   the epoch with the best accuracy on held-out ID validation images: uses no OOD data at all.
-Ties go to the earliest epoch.
+Ties go to the earliest epoch. A detector scored only at some epochs (ODIN: too costly after every epoch, so the
+base stage scores it at the epochs the rules pick for the selection detector and at the last one) takes the
+selection detector's picks.
 """
 from __future__ import annotations
 
@@ -30,27 +32,34 @@ def _curve(mean_rows: pd.DataFrame, split: str, metric: str) -> pd.DataFrame:
     return sel.pivot_table(index=["seed", "detector"], columns="epoch", values="value")
 
 
-def selected_epochs(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per (seed, detector) with the epoch each rule picks."""
+def selected_epochs(rows: pd.DataFrame, selection_detector: str | None = None) -> pd.DataFrame:
+    """One row per (seed, detector) with the epoch each rule picks; a detector without a value at every epoch takes
+    ``selection_detector``'s picks."""
     m = mean_over_ood(rows)
     test_fpr, val_fpr = _curve(m, "test", "fpr95"), _curve(m, "val", "fpr95")
     acc = rows[(rows["metric"] == "id_acc") & (rows["split"] == "val")].pivot_table(
         index="seed", columns="epoch", values="value")
-    out = []
+    out = {}
     for (seed, det), curve in test_fpr.iterrows():
-        out.append({"seed": seed, "detector": det, "final": int(curve.index.max()),
-                    "oracle": int(curve.idxmin()), "ood_val": int(val_fpr.loc[(seed, det)].idxmin()),
-                    "id_val": int(acc.loc[seed].idxmax())})
-    return pd.DataFrame(out)
+        if curve.notna().all():
+            out[seed, det] = {"seed": seed, "detector": det, "final": int(curve.index.max()),
+                              "oracle": int(curve.idxmin()), "ood_val": int(val_fpr.loc[(seed, det)].idxmin()),
+                              "id_val": int(acc.loc[seed].idxmax())}
+    for (seed, det), curve in test_fpr.iterrows():
+        if (seed, det) not in out:
+            if (seed, selection_detector) not in out:
+                raise ValueError(f"detector {det!r} lacks epochs and no selection detector with every epoch is given")
+            out[seed, det] = {**out[seed, selection_detector], "detector": det}
+    return pd.DataFrame([out[k] for k in test_fpr.index])
 
 
-def selection_results(rows: pd.DataFrame) -> pd.DataFrame:
+def selection_results(rows: pd.DataFrame, selection_detector: str | None = None) -> pd.DataFrame:
     """Per (seed, detector, rule): the chosen epoch and its TEST mean FPR95, mean AUROC and ID accuracy."""
     m = mean_over_ood(rows)
     test = m[m["split"] == "test"].pivot_table(index=["seed", "detector", "epoch"], columns="metric", values="value")
     acc = rows[(rows["metric"] == "id_acc") & (rows["split"] == "test")].set_index(["seed", "epoch"])["value"]
     out = []
-    for _, r in selected_epochs(rows).iterrows():
+    for _, r in selected_epochs(rows, selection_detector).iterrows():
         for rule in RULES:
             e = r[rule]
             t = test.loc[(r["seed"], r["detector"], e)]

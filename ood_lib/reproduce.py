@@ -30,7 +30,7 @@ from ood_lib.config import ProfileError, available_profiles, load_profile, parse
 from ood_lib.paths import PROJECT_ROOT, results_dir
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-STAGED_NOTEBOOKS = ("01", "02", "03", "04")  # the notebooks that read stages (and take the `compute` parameter)
+STAGED_NOTEBOOKS = ("01", "02", "03", "04", "06")  # the notebooks that read stages (and take the `compute` parameter)
 
 
 def notebook_files() -> dict[str, Path]:
@@ -112,7 +112,7 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
     written = []
     t0 = time.perf_counter()
     for seed in seeds:
-        for name in order:
+        for name in (n for n in order if seed in runner.stage(n).runs_for(profile)):
             runner.tables(name, seed)
             written.append(shards.pack(profile, name, seed, bundle_dir))
             print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB)", flush=True)

@@ -211,14 +211,24 @@ def outputs(profile: Profile, notebook: str, compute: bool = True,
             log: Callable[[str], None] = print) -> dict[str, dict[int, stages_mod.Tables]]:
     """``{stage: {seed: tables}}`` of every stage ``notebook`` reads, for every seed of the profile."""
     runner = Runner(profile, log)
-    return {name: {seed: runner.tables(name, seed, compute) for seed in profile.seeds}
+    return {name: {seed: runner.tables(name, seed, compute) for seed in runner.registry[name].runs_for(profile)}
             for name in stages_mod.of_notebook(profile, notebook)}
 
 
 def concat(by_seed: dict[int, stages_mod.Tables], table: str) -> pd.DataFrame:
-    """One table of a stage over seeds (in the profile's seed order), with a ``seed`` column where it lacks one."""
+    """One table of a stage over seeds (in the profile's seed order), with a ``seed`` column where it lacks one.
+    Empty tables (a stage with nothing to do for a seed, e.g. UM at rule B without a late stage) are left out, so
+    they never change a column's type."""
     frames = [t[table].assign(seed=seed) if "seed" not in t[table] else t[table] for seed, t in by_seed.items()]
-    return pd.concat(frames, ignore_index=True)
+    full = [f for f in frames if len(f)]
+    return pd.concat(full or frames[:1], ignore_index=True)
+
+
+def gather(runs: dict[str, dict[int, stages_mod.Tables]], names: Iterable[str], table: str) -> pd.DataFrame:
+    """``concat`` of one table over several stages (in the order of ``names``), empty ones left out."""
+    frames = [concat(runs[name], table) for name in names]
+    full = [f for f in frames if len(f)]
+    return pd.concat(full or frames[:1], ignore_index=True)
 
 
 def timing_rows(profile: Profile, notebook: str, seeds: Iterable[int]) -> list[dict]:
@@ -376,7 +386,7 @@ def plan(profile: Profile) -> pd.DataFrame:
     """Every (stage, seed) of the profile: done or not, where and how long it ran, and what it needs first."""
     rows = []
     for name, s in stages_mod.stages(profile).items():
-        for seed in profile.seeds:
+        for seed in s.runs_for(profile):
             m = manifest(profile, name, seed)
             rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None,
                          "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
@@ -386,10 +396,13 @@ def plan(profile: Profile) -> pd.DataFrame:
 
 def ready_seeds(profile: Profile, notebook: str) -> list[int]:
     """Seeds for which every stage ``notebook`` reads (and notebook 01's, which 02-04 compare with) is done."""
+    registry = stages_mod.stages(profile)
     names = stages_mod.of_notebook(profile, notebook)
-    if notebook in ("02", "03", "04") and "base" in stages_mod.stages(profile):
+    if notebook in ("02", "03", "04") and "base" in registry:
         names = ["base", *names]
-    return [s for s in profile.seeds if names and all(done(profile, n, s) for n in names)]
+    return [s for s in profile.seeds
+            if names and all(done(profile, n, s) for n in names if s in registry[n].runs_for(profile))
+            and any(s in registry[n].runs_for(profile) for n in names)]
 
 
 def provenance(profile: Profile, notebook: str, seeds: Iterable[int]) -> dict:

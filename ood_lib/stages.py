@@ -25,10 +25,14 @@ Stages of a profile (``stages(profile)``), in an order that respects both kinds 
                ``um``, ``umap``, ``ft_ce``, ``um_gamma<g>``   the fine-tunes from the final base model
   notebook 04  ``posthoc_<model>``      every post-hoc detector, LINe's ablation and sensitivity on one model
                                         (``base``, ``um``, ``umap``, or a pretrained checkpoint)
+  notebook 06  ``paper_start``          every detector on the authors' final checkpoint (``um.paper_checkpoint``)
+               ``paper_gamma``          gamma of that checkpoint by the paper's rule
+               ``paper_um``, ``paper_um_ours``, ``paper_umap``, ``paper_ft_ce``
+                                        UM at the authors' gamma and at ours, UMAP, and the CE control from it
+                                        (only for ``um.paper_seeds``)
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,6 +43,7 @@ import torch
 from ood_lib import atypical, base, comparison, um
 from ood_lib.config import Profile
 from ood_lib.models import load_pretrained, weights_digest
+from ood_lib.results import METRIC_COLUMNS
 from ood_lib.train import resolve_device
 
 Tables = dict[str, pd.DataFrame]
@@ -67,8 +72,9 @@ class Context:
 
 @dataclass(frozen=True)
 class Stage:
-    """One unit of work for one seed. ``compute`` returns its tables; ``train`` (model stages) trains or reloads its
-    model without scoring anything new, and ``digest`` gives the final model's weights digest, None when absent."""
+    """One unit of work for one seed. ``compute`` returns its tables. Model stages also have ``train``, which only
+    (re-)trains the model (on a machine that has the stage's tables but not its weights), and ``digest``, the final
+    model's weights digest, None while its checkpoint is absent."""
     name: str
     notebook: str
     compute: Callable[[Context, int, Read], Tables]
@@ -76,6 +82,10 @@ class Stage:
     models: tuple[str, ...] = ()
     train: Callable[[Context, int, Read], None] | None = None
     digest: Callable[[Context, int], str | None] | None = None
+    seeds: tuple[int, ...] | None = None   # the seeds it runs for; None: every seed of the profile
+
+    def runs_for(self, profile: Profile) -> list[int]:
+        return [s for s in profile.seeds if self.seeds is None or s in self.seeds]
 
 
 def _drop_log(history: pd.DataFrame) -> pd.DataFrame:
@@ -148,8 +158,18 @@ def _arm(arm: str) -> Stage:
 # --- notebook 03 ------------------------------------------------------------------------------------------------
 
 def _gamma(ctx: Context, seed: int, read: Read) -> Tables:
+    tables = _gamma_of(ctx, base.load_base(ctx.profile, ctx.data, seed))
+    if ctx.profile.um.rule_b:
+        b = um.rule_b(ctx.profile, ctx.data, seed, ctx.device)
+        tables["rule_b"] = pd.DataFrame({"epoch": range(1, len(b.val_loss) + 1), "id_val_loss": b.val_loss,
+                                         "smoothed": b.smoothed, "chosen": [e == b.epoch for e in
+                                                                            range(1, len(b.val_loss) + 1)]})
+        tables["summary"] = tables["summary"].assign(**{"rule B epoch": b.epoch, "rule B gamma": b.gamma})
+    return tables
+
+
+def _gamma_of(ctx: Context, final: torch.nn.Module) -> Tables:
     p, data = ctx.profile, ctx.data
-    final = base.load_base(p, data, seed)
     g = um.estimate_gamma(p, data, final, ctx.device)
     unmasked = um.mean_loss(final, data.train_images, data.train_labels, ctx.device, p.eval.batch_size, p.train)
     per_mask = pd.DataFrame({"mask_seed": list(g.seeds), "gamma": list(g.values)})
@@ -157,19 +177,26 @@ def _gamma(ctx: Context, seed: int, read: Read) -> Tables:
     return {"per_mask": per_mask, "summary": summary}
 
 
+def gamma_rule_b(profile: Profile, tables: Tables) -> float:
+    """UM_B's flood level for a seed from its ``gamma`` tables: NaN when rule B found no late stage."""
+    value = tables["summary"]["rule B gamma"].iloc[0]
+    return float("nan") if value == "" else float(value)
+
+
 def gamma_used(profile: Profile, tables: Tables) -> float:
-    """The flood level UM and UMAP use for a seed, from that seed's ``gamma`` tables."""
+    """The flood level UM and UMAP use for a seed (rule A, or ``um.gamma``), from that seed's ``gamma`` tables."""
     per_mask = tables["per_mask"]
     return um.Gamma(profile.um.mask_keep, tuple(per_mask["mask_seed"]), tuple(per_mask["gamma"]), profile.um.gamma).used
 
 
-def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None) -> Stage:
+def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None, gamma_stage: str = "gamma", notebook: str = "03",
+               seeds: tuple[int, ...] | None = None, gamma_of: Callable[[Profile, Tables], float] = gamma_used) -> Stage:
     flooded_by_estimate = ft.flooded and fixed_gamma is None
 
     def level(ctx: Context, seed: int, read: Read) -> float:
         if fixed_gamma is not None:
             return fixed_gamma
-        return gamma_used(ctx.profile, read("gamma")) if flooded_by_estimate else float("nan")
+        return gamma_of(ctx.profile, read(gamma_stage)) if flooded_by_estimate else float("nan")
 
     def train(ctx: Context, seed: int, read: Read) -> pd.DataFrame:
         return um.fine_tune(ctx.profile, ctx.data, seed, ft, level(ctx, seed, read), ctx.device, log=ctx.log)
@@ -180,6 +207,9 @@ def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None) -> Stage:
         return weights_digest(um.load(ctx.profile, ctx.data, seed, ft))
 
     def compute(ctx: Context, seed: int, read: Read) -> Tables:
+        if ft.flooded and np.isnan(level(ctx, seed, read)):  # rule B: no late stage, nothing for UM to undo
+            ctx.log(f"[stage {ft.name} seed {seed}] no flood level (rule B found no late stage): not trained")
+            return {"rows": pd.DataFrame(columns=[*METRIC_COLUMNS, "split"]), "history": pd.DataFrame(columns=["epoch"])}
         history = train(ctx, seed, read)
         rows = um.evaluate(ctx.profile, ctx.data, seed, ft, ctx.device)
         tables = {"rows": rows, "history": _drop_log(history)}
@@ -187,8 +217,8 @@ def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None) -> Stage:
             tables["scores"] = _final_scores(ctx, um.load(ctx.profile, ctx.data, seed, ft), ft.name)
         return tables
 
-    return Stage(ft.name, "03", compute, inputs=("gamma",) if flooded_by_estimate else (), models=("base",),
-                 train=train, digest=digest)
+    return Stage(ft.name, notebook, compute, inputs=(gamma_stage,) if flooded_by_estimate else (),
+                 models=() if ft.pretrained else ("base",), train=train, digest=digest, seeds=seeds)
 
 
 # --- notebook 04 ------------------------------------------------------------------------------------------------
@@ -205,6 +235,31 @@ def _posthoc(model_stage: str, load: Callable[[Context, int], torch.nn.Module], 
                 "tau": pd.DataFrame([{"model": model_stage, "seed": seed, "tau": ev.tau}])}
 
     return Stage(f"posthoc_{model_stage}", "04", compute, models=() if pretrained else (model_stage,))
+
+
+# --- notebook 06 ------------------------------------------------------------------------------------------------
+
+def _paper_stages(profile: Profile) -> list[Stage]:
+    """Notebook 06: the fine-tunes of notebook 03, from the authors' own final model instead of ours."""
+    u = profile.um
+    name, seeds = u.paper_checkpoint, tuple(u.paper_seeds)
+
+    def start(ctx: Context, seed: int, read: Read) -> Tables:
+        model = load_pretrained(name).eval()
+        scored = base.score_sets(ctx.profile, model, weights_digest(model), base.test_sets(ctx.data),
+                                 base.feature_cache(ctx.profile), ctx.device)
+        return {"rows": pd.DataFrame(base.metric_rows(ctx.profile, scored, ctx.data, seed, 0, name, "06",
+                                                      splits=("test",)))}
+
+    def gamma(ctx: Context, seed: int, read: Read) -> Tables:
+        return _gamma_of(ctx, load_pretrained(name))
+
+    fts = [(um.FineTune("paper_um", True, False, name), u.paper_gamma),
+           (um.FineTune("paper_um_ours", True, False, name), None),
+           (um.FineTune("paper_umap", True, True, name), u.paper_gamma),
+           (um.FineTune("paper_ft_ce", False, False, name), None)]
+    return ([Stage("paper_start", "06", start, seeds=seeds), Stage("paper_gamma", "06", gamma, seeds=seeds)]
+            + [_fine_tune(ft, g, gamma_stage="paper_gamma", notebook="06", seeds=seeds) for ft, g in fts])
 
 
 def stages(profile: Profile) -> dict[str, Stage]:
@@ -226,7 +281,7 @@ def stages(profile: Profile) -> dict[str, Stage]:
     if "03" in nbs:
         out.append(Stage("gamma", "03", _gamma, models=("base",)))
         fine_tunes = um.fine_tunes(profile)
-        out += [_fine_tune(ft) for ft in fine_tunes]
+        out += [_fine_tune(ft, gamma_of=gamma_rule_b if ft is um.UM_B else gamma_used) for ft in fine_tunes]
         out += [_fine_tune(um.at_gamma(g), g) for g in profile.um.gamma_sweep]
     if "04" in nbs:
         out.append(_posthoc("base", lambda ctx, seed: base.load_base(ctx.profile, ctx.data, seed),
@@ -234,13 +289,11 @@ def stages(profile: Profile) -> dict[str, Stage]:
         for ft in (f for f in fine_tunes if f in (um.UM, um.UMAP)):
             out.append(_posthoc(ft.name, lambda ctx, seed, ft=ft: um.load(ctx.profile, ctx.data, seed, ft),
                                 lambda p: p.um.epochs))
+    if "06" in nbs and profile.um.paper_checkpoint:
+        out += _paper_stages(profile)
     return {s.name: s for s in out}
 
 
 def of_notebook(profile: Profile, notebook: str) -> list[str]:
     """The stages whose tables ``notebook`` reads."""
     return [name for name, s in stages(profile).items() if s.notebook == notebook]
-
-
-def replace_seeds(profile: Profile, seeds) -> Profile:
-    return dataclasses.replace(profile, seeds=tuple(seeds))

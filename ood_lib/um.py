@@ -5,7 +5,7 @@ the loss constraint gamma, UM and UMAP. What the study takes from the paper and 
   every conv/linear layer zeroed), in eval mode, over the training images with their training augmentation (the
   official ``estimate_loss.py`` with ``configs/estimate_loss/estimate_loss_cifar10.yaml``). It varies from mask to
   mask, so it is estimated over ``um.mask_seeds`` and the value used is a visible choice: ``um.gamma`` when set,
-  else the mean of the estimates (of that seed's final model).
+  else the median of the estimates (rule A; of that seed's final model).
 * UM: fine-tune the final model on the flooding objective |L - gamma| + gamma (flooding, Ishida et al., ICML 2020:
   |J - b| + b at flood level b = gamma), L the mini-batch MEAN cross-entropy (the official ``utils/custom_loss.py``):
   descent while L > gamma, ascent while L < gamma; flooding each sample separately would be another method.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ood_lib import base, masking
 from ood_lib.atomic import atomic_write
 from ood_lib.config import Profile, TrainConfig
-from ood_lib.models import weights_digest
+from ood_lib.models import load_pretrained, weights_digest
 from ood_lib.paths import cache_dir
 from ood_lib.train import augment, load_epoch, train
 
@@ -73,7 +73,9 @@ def masked_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
 
 @dataclass(frozen=True)
 class Gamma:
-    """The estimates of gamma over mask seeds, and the value used."""
+    """The estimates of gamma over mask seeds, and the value used: ``um.gamma`` when given, else the MEDIAN over the
+    masks (rule A: the paper's protocol; the median, because a few masks that hit important weights give losses
+    several times the others', e.g. 0.18 to 2.32 over five masks of a small network)."""
     keep: float
     seeds: tuple[int, ...]
     values: tuple[float, ...]
@@ -81,13 +83,13 @@ class Gamma:
 
     @property
     def used(self) -> float:
-        return self.given if self.given is not None else float(np.mean(self.values))
+        return self.given if self.given is not None else float(np.median(self.values))
 
     def summary(self) -> dict:
         v = np.asarray(self.values)
         return {"mask_keep": self.keep, "masks": len(v), "mean": v.mean(), "median": float(np.median(v)),
                 "std": v.std(ddof=1), "min": v.min(), "max": v.max(), "used": self.used,
-                "rule": "um.gamma (given)" if self.given is not None else "mean over masks"}
+                "rule": "um.gamma (given)" if self.given is not None else "rule A: median over masks"}
 
 
 def estimate_gamma(profile: Profile, data: base.StudyData, model: torch.nn.Module,
@@ -98,6 +100,52 @@ def estimate_gamma(profile: Profile, data: base.StudyData, model: torch.nn.Modul
     values = tuple(masked_loss(model, data.train_images, data.train_labels, u.mask_keep, s, device,
                                profile.eval.batch_size, profile.train) for s in u.mask_seeds)
     return Gamma(u.mask_keep, tuple(u.mask_seeds), values, u.gamma)
+
+
+# Rule B (pre-registered before it was run on any OOD data): the flood level is the loss the base run had where it
+# stopped generalising better, i.e. before the late stage that the paper blames on memorising atypical samples.
+RULE_B_LATE = 0.9   # no late stage when the ID-val loss bottoms out after this fraction of the epochs
+
+
+@dataclass(frozen=True)
+class RuleB:
+    """gamma by rule B for one base seed. ``val_loss``: the ID-val cross-entropy of every epoch's checkpoint (eval
+    mode, no augmentation); ``smoothed``: its centred 3-epoch moving average (truncated at the ends); ``epoch``: where
+    the smoothed curve is lowest (earliest on ties); ``gamma``: the UNMASKED model of that epoch measured like rule A
+    (eval mode, the training images with their augmentation, mean over the augmentation draws of ``um.mask_seeds``),
+    or None when ``epoch`` > RULE_B_LATE x epochs: no late stage, nothing for UM to undo."""
+    val_loss: tuple[float, ...]
+    smoothed: tuple[float, ...]
+    epoch: int
+    gamma: float | None
+
+
+def smoothed_minimum(val_loss) -> tuple[np.ndarray, int]:
+    """The centred 3-epoch moving average (truncated at the ends) and the 1-based epoch of its first minimum."""
+    v = np.asarray(val_loss, float)
+    padded = np.concatenate([[np.nan], v, [np.nan]])
+    smooth = np.nanmean(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+    return smooth, int(np.argmin(smooth)) + 1
+
+
+def rule_b(profile: Profile, data: base.StudyData, seed: int, device: torch.device) -> RuleB:
+    """Rule B for the base run of ``seed`` (its per-epoch checkpoints; ID-val logits come from the feature cache)."""
+    model = base.build_model(profile, data)
+    cache = base.feature_cache(profile)
+    labels = torch.as_tensor(data.id_val.labels)
+    losses = []
+    for epoch in range(1, profile.train.epochs + 1):
+        load_epoch(model, base.run_dir(profile, seed), epoch)
+        logits = base.score_sets(profile, model, weights_digest(model), [data.id_val], cache, device, ())
+        z = torch.as_tensor(logits[(data.id_val.name, "val")]["logits"])
+        losses.append(F.cross_entropy(z.double(), labels).item())
+    smooth, epoch = smoothed_minimum(losses)
+    gamma = None
+    if epoch <= RULE_B_LATE * profile.train.epochs:
+        load_epoch(model, base.run_dir(profile, seed), epoch)
+        gamma = float(np.mean([mean_loss(model, data.train_images, data.train_labels, device,
+                                         profile.eval.batch_size, profile.train, s) for s in profile.um.mask_seeds]))
+    return RuleB(tuple(losses), tuple(float(x) for x in smooth), epoch, gamma)
 
 
 def stratified_subset(labels, n: int | None, seed: int) -> np.ndarray:
@@ -147,15 +195,18 @@ def umap_score_seed(seed: int) -> int:
 
 @dataclass(frozen=True)
 class FineTune:
-    """One way to continue from the final base model; ``name`` is its ``model`` in metrics.csv."""
+    """One way to continue from the final base model (or from a pretrained checkpoint of ``models.PRETRAINED``:
+    the authors' own final model); ``name`` is its ``model`` in metrics.csv."""
     name: str
     flooded: bool   # the loss is flood(CE, gamma) instead of CE
     masked: bool    # UMAP: learnable top-k masks over (frozen) weights, folded on export
+    pretrained: str | None = None  # start from this checkpoint instead of the base model of the seed
 
     def start(self, profile: Profile, data: base.StudyData, seed: int) -> tuple[torch.nn.Module, list | None]:
-        """The final base model of ``seed``, set up for this fine-tuning; and the parameters to optimise. UMAP's
-        initial scores are seeded by ``umap_score_seed(seed)``, a stream of their own."""
-        model = base.load_base(profile, data, seed).train()
+        """The final base model of ``seed`` (or the pretrained checkpoint), set up for this fine-tuning; and the
+        parameters to optimise. UMAP's initial scores are seeded by ``umap_score_seed(seed)``, a stream of their
+        own."""
+        model = (load_pretrained(self.pretrained) if self.pretrained else base.load_base(profile, data, seed)).train()
         if not self.masked:
             return model, None
         return model, masking.add_score_masks(model, profile.um.umap_keep, umap_score_seed(seed),
@@ -165,13 +216,14 @@ class FineTune:
         return masking.fold(model) if self.masked else model
 
 
-UM = FineTune("um", flooded=True, masked=False)
-UMAP = FineTune("umap", flooded=True, masked=True)
+UM = FineTune("um", flooded=True, masked=False)        # at gamma by rule A (the paper's)
+UM_B = FineTune("um_b", flooded=True, masked=False)    # at gamma by rule B
+UMAP = FineTune("umap", flooded=True, masked=True)     # at gamma by rule A
 FT_CE = FineTune("ft_ce", flooded=False, masked=False)
 
 
 def fine_tunes(profile: Profile) -> list[FineTune]:
-    return [UM, UMAP] + ([FT_CE] if profile.um.ce_control else [])
+    return [UM] + ([UM_B] if profile.um.rule_b else []) + [UMAP] + ([FT_CE] if profile.um.ce_control else [])
 
 
 def at_gamma(gamma: float) -> FineTune:

@@ -14,3 +14,25 @@ def test_chosen_epochs_and_rows_at():
     with_blank = rows.assign(epoch=rows.epoch.astype(object)).astype({"epoch": str})
     with_blank.loc[4, "epoch"] = ""  # metrics.csv rows without an epoch never match
     assert list(epochs.rows_at(with_blank, chosen["ood_val"]).value) == [1, 4]
+
+
+def _rows(det, split, fprs, ood_sets=("a", "b")):
+    return [{"split": split, "seed": 0, "epoch": e, "detector": det, "ood_set": o, "metric": "fpr95", "value": v}
+            for e, v in fprs.items() for o in ood_sets]
+
+
+def test_rules_by_hand_and_a_detector_scored_at_some_epochs_takes_the_selection_detectors_picks():
+    rows = pd.DataFrame(
+        _rows("energy", "test", {1: 0.5, 2: 0.3, 3: 0.4}) + _rows("energy", "val", {1: 0.2, 2: 0.6, 3: 0.4})
+        + _rows("odin", "test", {1: 0.9, 3: 0.1}) + _rows("odin", "val", {1: 0.9, 3: 0.1})
+        + [{"split": "val", "seed": 0, "epoch": e, "detector": "", "ood_set": "", "metric": "id_acc", "value": v}
+           for e, v in {1: 0.7, 2: 0.8, 3: 0.75}.items()])
+    picks = epochs.selected_epochs(rows, "energy").set_index("detector")
+    assert picks.loc["energy"].to_dict() == {"seed": 0, "final": 3, "oracle": 2, "ood_val": 1, "id_val": 2}
+    assert picks.loc["odin"].to_dict() == picks.loc["energy"].to_dict()  # not its own oracle (epoch 3)
+    try:
+        epochs.selected_epochs(rows)
+    except ValueError as e:
+        assert "lacks epochs" in str(e)
+    else:
+        raise AssertionError("a detector with missing epochs needs a selection detector")

@@ -126,7 +126,7 @@ def test_every_notebook_reads_its_stages():
     reg = stages.stages(p)
     assert stages.of_notebook(p, "01") == ["base"]
     assert set(stages.of_notebook(p, "02")) == {"atypical", "no_atypical", "no_atypical_per_class", "no_random"}
-    assert {"gamma", "um", "umap", "ft_ce", "um_gamma0.5"} == set(stages.of_notebook(p, "03"))
+    assert {"gamma", "um", "um_b", "umap", "ft_ce", "um_gamma0.5"} == set(stages.of_notebook(p, "03"))
     assert set(stages.of_notebook(p, "04")) == {"posthoc_base", "posthoc_um", "posthoc_umap"}
     order = list(reg)
     for name, s in reg.items():  # every dependency comes first
@@ -150,7 +150,8 @@ TINY = {"data.train_size": 512, "data.id_val_size": 100, "data.id_test_size": 20
         "train.batch_size": 128, "eval.detectors": ["msp", "maxlogit", "energy", "odin"], "eval.batch_size": 256,
         "um.epochs": 2, "um.atypical_remove": 50, "um.curve_images": 100, "um.curve_keep": [1.0, 0.965],
         "um.gamma_sweep": [0.5], "line.sweep_p_a": [0, 90], "line.sweep_p_w": [0, 90],
-        "line.sweep_tau_percentiles": [90, 100], "notebooks": ["01", "02", "03", "04", "05"], "threads": 2}
+        "line.sweep_tau_percentiles": [90, 100], "notebooks": ["01", "02", "03", "04"], "seeds": [0, 1],
+        "threads": 2}
 
 
 def test_merged_shards_equal_the_one_piece_run(machine, tmp_path):
@@ -190,3 +191,33 @@ def test_merged_shards_equal_the_one_piece_run(machine, tmp_path):
     timings = pd.read_csv(merged / "results/cifar10/timings.csv", dtype={"notebook": str})
     assert timings.stage.str.startswith("stage um seed 0").any()  # the real stage times travel with the bundles
     assert max(len(x.read_bytes()) for x in a + b + c) < 16 * 2**20
+
+
+def test_the_authors_checkpoint_stages_and_notebook_06(machine):
+    """Notebook 06 at a tiny scale on the real Unleashing Mask checkpoint: its stages run for um.paper_seeds only,
+    every fine-tune starts from the checkpoint (epoch 0 rows are the checkpoint itself), UM uses the given gamma."""
+    from ood_lib.models import load_pretrained
+    try:
+        load_pretrained("um_densenet_cifar10")
+    except FileNotFoundError as e:
+        pytest.fail(f"the pretrained checkpoints are part of the test data (../shared/models): {e}")
+    small = {**TINY, "data.train_size": 48, "data.id_test_size": 60, "data.ood_size": 40, "um.epochs": 1,
+             "data.ood_sets": ["tinyimagenet32", "mnist"], "notebooks": ["06"], "eval.detectors": ["msp", "energy"],
+             "eval.batch_size": 64, "train.batch_size": 24}
+    out = machine("paper")
+    reproduce.run("cifar10", None, small)
+    p = load_profile("cifar10", small)
+    assert [s for s in stages.stages(p)] == ["paper_start", "paper_gamma", "paper_um", "paper_um_ours",
+                                             "paper_umap", "paper_ft_ce"]
+    assert all(shards.done(p, n, 0) and not shards.done(p, n, 1) for n in stages.stages(p))  # seed 0 only
+    m = pd.read_csv(out / "results/cifar10/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
+    assert set(m.model) == {"um_densenet_cifar10", "paper_um", "paper_um_ours", "paper_umap", "paper_ft_ce"}
+    assert set(m[m.model == "um_densenet_cifar10"].epoch) == {0}
+    acc = m[(m.model == "um_densenet_cifar10") & (m.metric == "id_acc")].value.iloc[0]
+    assert acc > 0.6  # the authors' model on our JPEG CIFAR-10 (about 0.82 on the whole test set)
+    hist = pd.read_csv(out / "results/cifar10/06_training_history.csv")
+    assert (hist[hist.model == "paper_um"].gamma == 0.15).all()
+    ours = pd.read_csv(out / "results/cifar10/06_gamma.csv")
+    assert (hist[hist.model == "paper_um_ours"].gamma == ours["used"].iloc[0]).all() and ours["used"].iloc[0] > 0
+    text = (out / "results/cifar10/notebooks/06_paper_checkpoint.ipynb").read_text()
+    assert "The README's relative drop is 22.0%" in text

@@ -469,10 +469,12 @@ def test_um_overrides_that_are_rejected(override, message):
         load_profile("smoke", {**VALID, **override})
 
 
-def test_gamma_used_is_the_mean_over_masks_unless_given():
+def test_gamma_used_is_the_median_over_masks_unless_given():
     g = um.Gamma(0.965, (0, 1, 2, 3, 4), (0.1, 0.2, 0.3, 0.4, 1.0))
     s = g.summary()
-    assert g.used == pytest.approx(0.4) and s["median"] == pytest.approx(0.3) and s["max"] == 1.0
+    assert g.used == pytest.approx(0.3) and s["mean"] == pytest.approx(0.4) and s["max"] == 1.0
+    assert s["rule"] == "rule A: median over masks"
+    assert um.Gamma(0.965, (0, 1, 2, 3), (0.1, 0.2, 0.4, 9.0)).used == pytest.approx(0.3)  # even count: midpoint
     assert s["std"] == pytest.approx(np.std([0.1, 0.2, 0.3, 0.4, 1.0], ddof=1))
     fixed = um.Gamma(0.965, (0, 1, 2, 3, 4), (0.1, 0.2, 0.3, 0.4, 1.0), given=0.15)
     assert fixed.used == 0.15 and fixed.summary()["rule"] == "um.gamma (given)"
@@ -572,3 +574,39 @@ def test_umap_initial_scores_do_not_reuse_a_gamma_mask_seed(monkeypatch):
     zeroed = masking.random_masks(_model(0), p.um.mask_keep, 0)
     kept = masking.current_masks(old)
     assert all(bool((kept[k][zeroed[k] == 0] == 0).all()) for k in zeroed)
+
+
+def test_rule_b_smoothed_minimum_by_hand():
+    smooth, epoch = um.smoothed_minimum([0.9, 0.5, 0.2, 0.6, 0.1, 0.8])
+    expected = [(0.9 + 0.5) / 2, (0.9 + 0.5 + 0.2) / 3, (0.5 + 0.2 + 0.6) / 3, (0.2 + 0.6 + 0.1) / 3,
+                (0.6 + 0.1 + 0.8) / 3, (0.1 + 0.8) / 2]
+    assert np.allclose(smooth, expected)
+    assert epoch == 4  # 0.3 at epoch 4 beats the single-epoch dip at 5 (smoothed 0.5) and 3 (0.433)
+    assert um.smoothed_minimum([0.3, 0.3, 0.3])[1] == 1  # ties: the earliest
+
+
+def test_rule_b_on_a_trained_run(tmp_path, monkeypatch):
+    """Rule B on a real (tiny) base run: the ID-val loss of every checkpoint, computed independently here; gamma is
+    the unmasked loss at the chosen epoch measured like rule A, or None in the last 10% of training."""
+    from ood_lib import base
+    monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path))
+    p = load_profile("smoke", {"train.epochs": 3, "data.train_size": 200, "data.id_val_size": 50,
+                               "data.id_test_size": 50, "data.ood_size": 40, "seeds": [0]})
+    data = base.prepare_data(p)
+    base.train_seed(p, data, 0, log=lambda s: None)
+    b = um.rule_b(p, data, 0, torch.device("cpu"))
+    model = base.build_model(p, data)
+    for epoch, v in enumerate(b.val_loss, 1):
+        base.load_epoch(model, base.run_dir(p, 0), epoch)
+        with torch.no_grad():
+            z = model.eval()(data.id_val.images.float() / 255)
+        assert v == pytest.approx(torch.nn.functional.cross_entropy(z.double(), torch.as_tensor(data.id_val.labels))
+                                  .item(), rel=1e-5)
+    assert b.epoch == um.smoothed_minimum(b.val_loss)[1]
+    if b.epoch > 0.9 * p.train.epochs:
+        assert b.gamma is None
+    else:
+        base.load_epoch(model, base.run_dir(p, 0), b.epoch)
+        assert b.gamma == pytest.approx(np.mean([um.mean_loss(model, data.train_images, data.train_labels,
+                                                              torch.device("cpu"), 500, p.train, s)
+                                                 for s in p.um.mask_seeds]))
