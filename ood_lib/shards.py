@@ -148,6 +148,7 @@ class Runner:
         self.ctx = stages_mod.Context(profile, log)
         self.log = log
         self._checked: dict[tuple[str, int], dict] = {}
+        self._noted: set[tuple[str, int]] = set()
 
     def stage(self, name: str) -> stages_mod.Stage:
         if name not in self.registry:
@@ -155,12 +156,19 @@ class Runner:
         return self.registry[name]
 
     def tables(self, name: str, seed: int, compute: bool = True) -> stages_mod.Tables:
-        """The tables of (stage, seed): read back when done, else computed (after what it depends on)."""
-        if not done(self.profile, name, seed):
+        """The tables of (stage, seed): read back when done, else computed (after what it depends on). Tables that
+        another version of the library computed are used as they are, with a note naming the folder to remove to
+        recompute them (they may be the bundles of a GPU run, which this machine could not redo)."""
+        m = manifest(self.profile, name, seed)
+        if m is None:
             if not compute:
                 raise ShardError(f"stage {name!r} of seed {seed} has not run on profile {self.profile.name!r}; run "
                                  f"`{command(self.profile, [name], [seed])}` (or merge its bundle)")
             self._compute(name, seed)
+        elif m["code_digest"] != code_digest() and (name, seed) not in self._noted:
+            self._noted.add((name, seed))
+            self.log(f"note: stage {name} seed {seed} was computed by library version {m['code_digest']} (this is "
+                     f"{code_digest()}); remove {shard_dir(self.profile, name, seed)} to recompute it")
         return read(self.profile, name, seed)
 
     def _compute(self, name: str, seed: int) -> None:

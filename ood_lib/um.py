@@ -237,11 +237,14 @@ def schedule(profile: Profile) -> TrainConfig:
 
 # The fields of the um section a fine-tuning run depends on (the others only shape notebook 02 or the sweep list).
 RUN_FIELDS = ("mask_keep", "mask_seeds", "gamma", "epochs", "lr", "umap_keep", "umap_train_weights")
+# Bumped when the code changes what a run with the same fields does, so that earlier runs are not reused
+# (2: UMAP's initial scores from their own seed stream; gamma by rule A is the median over masks).
+RUN_VERSION = 2
 
 
 def run_dir(profile: Profile, seed: int, ft: FineTune) -> Path:
-    """``<cache>/um/<hash of data, model, train>-<hash of RUN_FIELDS>/<name>/seed<k>``."""
-    fields = json.dumps({f: getattr(profile.um, f) for f in RUN_FIELDS}, sort_keys=True)
+    """``<cache>/um/<hash of data, model, train>-<hash of RUN_FIELDS and RUN_VERSION>/<name>/seed<k>``."""
+    fields = json.dumps({"version": RUN_VERSION, **{f: getattr(profile.um, f) for f in RUN_FIELDS}}, sort_keys=True)
     key = f"{profile.digest('data', 'model', 'train')}-{hashlib.sha256(fields.encode()).hexdigest()[:8]}"
     return cache_dir(profile.name) / "um" / key / ft.name / f"seed{seed}"
 
