@@ -43,8 +43,9 @@ def test_notebook_01_writes_figures_tables_timings_provenance(smoke_run):
         assert {f"{stem}.pdf", f"{stem}.png"} <= figs
     sel = pd.read_csv(out / "results/smoke/01_epoch_selection.csv")
     assert set(sel.rule) == {"final", "oracle", "ood_val", "id_val"}
-    # the oracle is the best test FPR95 by construction: never worse than any other rule
-    for _, g in sel.groupby(["seed", "detector"]):
+    # the oracle is the best test FPR95 by construction: never worse than any other rule (for the detectors scored
+    # after every epoch; ODIN takes the selection detector's epochs, test_notebook_01_writes_every_metric_row)
+    for _, g in sel[sel.detector != "odin"].groupby(["seed", "detector"]):
         assert g.set_index("rule").loc["oracle", "fpr95"] <= g.fpr95.min() + 1e-12
     timings = pd.read_csv(out / "results/smoke/timings.csv", dtype={"notebook": str})
     assert set(timings.notebook) == {"01", "02", "03", "04"} and (timings.seconds >= 0).all()  # 05 times nothing

@@ -202,6 +202,7 @@ def test_the_authors_checkpoint_stages_and_notebook_06(machine):
     except FileNotFoundError as e:
         pytest.fail(f"the pretrained checkpoints are part of the test data (../shared/models): {e}")
     small = {**TINY, "data.train_size": 48, "data.id_test_size": 60, "data.ood_size": 40, "um.epochs": 1,
+             "um.atypical_remove": 10,
              "data.ood_sets": ["tinyimagenet32", "mnist"], "notebooks": ["06"], "eval.detectors": ["msp", "energy"],
              "eval.batch_size": 64, "train.batch_size": 24}
     out = machine("paper")
