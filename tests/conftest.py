@@ -18,3 +18,14 @@ def smoke_run(tmp_path_factory):
     done = reproduce.run("smoke", ["01", "02", "03", "04", "05"])
     yield out, done
     mp.undo()
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """``machine(name)`` points the results and figures folders at a fresh folder: another machine's disk, or a
+    cluster's shared folder. Returns that folder."""
+    def use(name):
+        monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path / name / "results"))
+        monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / name / "figures"))
+        return tmp_path / name
+    return use

@@ -155,16 +155,6 @@ def slurm(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    """``folder(name)``: a fresh results/figures folder (another machine's disk, or a cluster's shared folder)."""
-    def use(name):
-        monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path / name / "results"))
-        monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / name / "figures"))
-        return tmp_path / name
-    return use
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The cut-down study run in one piece by ``reproduce.run`` (the notebooks computing their stages)."""
@@ -236,8 +226,8 @@ def test_job_options_are_checked(capsys):
 
 # --- on the one-node cluster ----------------------------------------------------------------------------------------
 
-def test_jobs_on_slurm_give_the_metrics_of_a_local_run(slurm, reference, folder):
-    shared = folder("cluster")
+def test_jobs_on_slurm_give_the_metrics_of_a_local_run(slurm, reference, machine):
+    shared = machine("cluster")
     out = cluster.run("smoke", NOTEBOOKS, TINY, cluster.Options(executor="slurm", shared_dir=shared, **FAST))
     print(f"cluster run: jobs {out['jobs_s']:.1f} s, analysis (merge) {out['analysis_s']:.1f} s")
     units = cluster.units(load_profile("smoke", TINY), NOTEBOOKS)
@@ -324,8 +314,8 @@ def test_a_job_that_keeps_failing_stops_the_study(killed, monkeypatch):
         pd.testing.assert_frame_equal(table, before[name])
 
 
-def test_a_job_that_cannot_see_the_shared_folder_says_so(slurm, folder, monkeypatch):
-    shared = folder("unseen")
+def test_a_job_that_cannot_see_the_shared_folder_says_so(slurm, machine, monkeypatch):
+    shared = machine("unseen")
     monkeypatch.setattr(cluster, "_write_marker", lambda path, token: None)
     t0 = time.perf_counter()
     with pytest.raises(cluster.ClusterError, match="cannot see the shared folder") as e:
@@ -334,8 +324,8 @@ def test_a_job_that_cannot_see_the_shared_folder_says_so(slurm, folder, monkeypa
     assert time.perf_counter() - t0 < 120
 
 
-def test_without_slurm_the_same_command_runs_the_jobs_as_local_processes(reference, folder, monkeypatch, capsys):
-    shared = folder("local")
+def test_without_slurm_the_same_command_runs_the_jobs_as_local_processes(reference, machine, monkeypatch, capsys):
+    shared = machine("local")
     monkeypatch.setattr(cluster, "slurm_available", lambda: False)
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     assert reproduce.main(["--profile", "smoke", "--notebooks", "01", *sets, "--executor", "slurm", "--shared-dir",

@@ -11,16 +11,6 @@ from ood_lib.config import load_profile
 from ood_lib.data import DatasetMissing, load_dataset
 
 
-@pytest.fixture
-def machine(tmp_path, monkeypatch):
-    """``machine(name)`` points the results and figures folders at a fresh folder: another machine's disk."""
-    def use(name):
-        monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path / name / "results"))
-        monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / name / "figures"))
-        return tmp_path / name
-    return use
-
-
 def fake_shard(profile, stage, seed, value=0.5):
     rows = pd.DataFrame({"notebook": ["01"], "seed": [seed], "model": ["base"], "epoch": [1], "detector": [""],
                          "id_set": ["fashion_mnist"], "ood_set": [""], "metric": ["id_acc"], "value": [value],
