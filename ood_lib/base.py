@@ -219,7 +219,7 @@ def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str]
     model = build_model(profile, data)
     on_epoch_end = epoch_scorer(profile, data, feature_cache(profile), device, logit_detectors(profile), all_sets(data))
     history = train(model, data.train_images, data.train_labels, profile.train, seed, run_dir(profile, seed),
-                    device, on_epoch_end=on_epoch_end, log=log)
+                    device, on_epoch_end=on_epoch_end, log=log, name="base")
     return pd.DataFrame(history).assign(seed=seed)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ood_lib import detectors
+from ood_lib import detectors, progress
 from ood_lib.atomic import atomic_write
 from ood_lib.results import note_work
 from ood_lib.train import fast_paths
@@ -142,12 +142,14 @@ def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device, 
     model.eval().to(device)
     bf16, channels_last = fast_paths(device, amp, amp)
     logits, feats = [], []
-    for x in _batches(images, batch_size, device, channels_last=channels_last):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            f = model.features(x)
-            z = model.fc(f)
-        logits.append(z.float().cpu())
-        feats.append(f.float().cpu())
+    with progress.Bar(-(-images.shape[0] // batch_size), "extract", unit="batch", leave=False) as bar:
+        for x in _batches(images, batch_size, device, channels_last=channels_last):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                f = model.features(x)
+                z = model.fc(f)
+            logits.append(z.float().cpu())
+            feats.append(f.float().cpu())
+            bar.update()
     return {"logits": torch.cat(logits).numpy(), "features": torch.cat(feats).numpy()}
 
 
@@ -177,6 +179,12 @@ def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images
     def compute():
         model.eval().to(device)
         x = images.float().div_(255)
-        return {"scores": detectors.odin(model, x, temperature, epsilon, batch_size)}
+        chunks = range(0, len(x), batch_size)
+        with progress.Bar(len(chunks), "ODIN", unit="batch", leave=False) as bar:
+            scores = []
+            for i in chunks:
+                scores.append(detectors.odin(model, x[i:i + batch_size], temperature, epsilon, batch_size))
+                bar.update()
+        return {"scores": np.concatenate(scores)}
 
     return cache.get(parts, compute)["scores"]

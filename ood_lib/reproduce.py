@@ -16,12 +16,20 @@
         every (stage, seed) of the profile: done or not, and the command of each shard still to run.
 
 Executed notebooks go to ``results/<profile>/notebooks/``. The profile and every ``--set`` override are validated
-before any work; an unknown name fails with the allowed names listed. ``--set`` overrides must be the same for
+before any work (an unknown name fails with the allowed names listed), and so are the output folders (writable)
+and the data sets (present). The kernel's progress bars (training epochs, extraction) are drawn on this console
+(``ood_lib.progress``). A failing notebook, a full disk or an unwritable folder ends in one paragraph: the
+notebook, the cell, the exception and its message (or the path and the fix), and the executed copy that holds
+the full traceback. ``--set`` overrides must be the same for
 the shard commands and the merge (the bundles record the profile's digest).
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +46,10 @@ def notebook_files() -> dict[str, Path]:
     return {p.name[:2]: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))}
 
 
+class RunError(Exception):
+    """A run that cannot start or did not finish, explained in one paragraph (the runner prints it, no traceback)."""
+
+
 def plan(profile_name: str, notebooks: list[str] | None, overrides: dict) -> tuple[object, list[Path]]:
     """Validate everything up front; return the profile and the notebooks to run, in order."""
     if profile_name not in available_profiles():
@@ -51,11 +63,84 @@ def plan(profile_name: str, notebooks: list[str] | None, overrides: dict) -> tup
     return profile, [files[n] for n in sorted(wanted)]
 
 
-def _execute(profile, path: Path, out_dir: Path, parameters: dict) -> None:
-    import papermill
+def preflight(profile, data: bool = True) -> None:
+    """Before any work: every folder the run writes is writable, and every data set the profile names is present
+    (a cache file or a source; nothing is read). Raises ``RunError`` naming the folder or the set and the fix."""
+    from ood_lib.data import DATASETS
+    from ood_lib.paths import data_dir, figures_dir
 
-    papermill.execute_notebook(str(path), str(out_dir / path.name), cwd=str(NOTEBOOK_DIR), parameters=parameters,
-                               progress_bar=sys.stderr.isatty(), log_output=False)
+    for folder, var in [(results_dir(profile.name), "OOD_RESULTS_DIR"), (figures_dir(profile.name), "OOD_FIGURES_DIR"),
+                        (data_dir() / "cache", "OOD_DATA_DIR")]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise RunError(f"cannot write to {folder} ({e.strerror}). Make it writable, or set {var} to a folder "
+                           "you can write; nothing was run.") from None
+    if not data:
+        return
+    d = profile.data
+    needs = [(d.id_set, "train"), (d.id_set, "test")] + [(n, DATASETS[n].ood_split) for n in d.ood_sets]
+    missing = [m for m in (DATASETS[name].present(split) for name, split in needs) if m]
+    if missing:
+        raise RunError("\n".join(missing) + "\nNothing was run.")
+
+
+def explain_os_error(errno_: int | None, path: str | None, what: str) -> str | None:
+    """One paragraph for a full disk or a folder that cannot be written, or None for other errors."""
+    where = path or "a results file"
+    if errno_ in (errno.ENOSPC, errno.EDQUOT):
+        room = ""
+        try:
+            room = f" ({shutil.disk_usage(Path(where).parent).free / 1e9:.2f} GB free now)"
+        except OSError:
+            pass
+        return (f"{what}: no space left on the disk that holds {where}{room}. Free space there, or set "
+                "OOD_RESULTS_DIR (results, caches, checkpoints) to a disk with room, then run the same command "
+                "again: finished work is kept and an interrupted training resumes from its last checkpoint.")
+    if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{what}: {where} cannot be written ({os.strerror(errno_)}). Make it writable, or set "
+                "OOD_RESULTS_DIR / OOD_FIGURES_DIR to folders you can write, then run the same command again.")
+    return None
+
+
+def explain_notebook_failure(error, path: Path, executed: Path) -> str:
+    """The notebook, the cell, the exception and its message, and where the executed copy (full traceback) is."""
+    ename, evalue = getattr(error, "ename", type(error).__name__), getattr(error, "evalue", str(error))
+    what = f"notebook {path.name} failed"
+    found = re.match(r"\[Errno (\d+)\] [^:]*(?:: '(.*)')?", evalue or "")
+    known = explain_os_error(int(found.group(1)), found.group(2), what) if found else None
+    count = getattr(error, "exec_count", None)
+    where = f" at In [{count}]" if count else ""
+    body = known or f"{what}{where}: {ename}: {evalue}"
+    return f"{body}\nThe executed copy, with the full traceback, is {executed}"
+
+
+def _execute(profile, path: Path, out_dir: Path, parameters: dict) -> None:
+    """Run one notebook with papermill; its progress bars are drawn on this console (``ood_lib.progress``)."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from ood_lib import progress
+
+    executed = out_dir / path.name
+    events = out_dir / f".progress-{path.stem}.jsonl"
+    follower = progress.started(events)
+    os.environ[progress.ENV] = str(events)
+    try:
+        papermill.execute_notebook(str(path), str(executed), cwd=str(NOTEBOOK_DIR), parameters=parameters,
+                                   progress_bar=False, log_output=False)
+    except PapermillExecutionError as e:
+        raise RunError(explain_notebook_failure(e, path, executed)) from None
+    except OSError as e:
+        raise RunError(explain_os_error(e.errno, e.filename, f"notebook {path.name}") or
+                       f"notebook {path.name}: {type(e).__name__}: {e}") from None
+    finally:
+        os.environ.pop(progress.ENV, None)
+        follower.stop()
+        events.unlink(missing_ok=True)
 
 
 def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict | None = None,
@@ -234,10 +319,16 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cluster.run(args.profile, notebooks, overrides, job_options)
-        except cluster.ClusterError as e:
+        except (cluster.ClusterError, RunError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
+    from ood_lib.data import DatasetCorrupt, DatasetMissing
+    from ood_lib.results import ResultsDamaged
+    from ood_lib.train import CheckpointDamaged, TrainingDiverged
+
+    explained = (RunError, shards.ShardError, DatasetMissing, DatasetCorrupt, ResultsDamaged, CheckpointDamaged,
+                 TrainingDiverged)  # their messages name the file or value and the way out: no traceback
     try:
         if args.plan:
             table = shards.plan(profile)
@@ -246,18 +337,24 @@ def main(argv: list[str] | None = None) -> int:
             for seed, g in todo.groupby("seed", sort=False):
                 print(shards.command(profile, g.stage, [seed]))
             return 0
+        preflight(profile, data=not args.merge)
         if args.stages:
             run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs)
-            return 0
-        if args.merge:
+        elif args.merge:
             shards.merge(profile, args.merge, args.allow_mixed_code)
             run(args.profile, notebooks, overrides, compute=False)
-            return 0
-    except shards.ShardError as e:
+        else:
+            run(args.profile, notebooks, overrides)
+        return 0
+    except explained as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    run(args.profile, notebooks, overrides)
-    return 0
+        return 2 if isinstance(e, shards.ShardError) else 1
+    except OSError as e:
+        message = explain_os_error(e.errno, e.filename, "the run stopped")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

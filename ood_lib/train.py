@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ood_lib.atomic import atomic_write
+from ood_lib import progress
 from ood_lib.config import TrainConfig
 from ood_lib.results import note_work
 
@@ -164,14 +165,14 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
           on_epoch_end: Callable[[int, torch.nn.Module], dict] | None = None,
           log: Callable[[str], None] = print,
           objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
-          parameters: list[torch.nn.Parameter] | None = None) -> list[dict]:
+          parameters: list[torch.nn.Parameter] | None = None, name: str = "train") -> list[dict]:
     """Train ``model`` on uint8 ``images`` (N, C, H, W) and int64 ``labels``; return the per-epoch history.
 
     Resumes from ``run_dir/state.pt`` when it exists. ``on_epoch_end(epoch, model)`` may return extra values
     for the history (it runs after the epoch's checkpoint is written). Epochs are numbered from 1.
     ``objective`` maps the mini-batch mean cross-entropy to the loss that is minimised (default: itself; UM's
     flooding in ``ood_lib.um``); the history's ``train_loss`` is always the cross-entropy. ``parameters`` are
-    what the optimiser updates (default: every parameter of the model).
+    what the optimiser updates (default: every parameter of the model). ``name`` labels the progress bar.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
             note_work("reused")  # a finished run: only reloaded
 
     n = images.shape[0]
+    bar = progress.Bar(cfg.epochs, f"{name} seed {seed}", unit="epoch", initial=start - 1)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = cosine_lr(cfg.lr, epoch - 1, cfg.epochs)
@@ -257,6 +259,8 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
         log(f"seed {seed} epoch {epoch:3d}/{cfg.epochs}  lr {lr:.4f}  loss {mean_loss:.4f}  "
             f"acc {entry['train_acc']:.4f}  {seconds:.1f}s ({entry['images_per_second']:.0f} img/s)"
             + "".join(f"  {k} {v:.4f}" for k, v in entry.items() if k.startswith("log_")))
+        bar.update()
+    bar.close()
     return history
 
 

@@ -100,19 +100,36 @@ class DatasetSpec:
         cached = read_cache(self, split)
         if cached is not None:
             return cached
+        source, place, looked = self.locate(split)
+        if source is None:
+            raise DatasetMissing(self.missing(split, looked))
+        x, y = source.read(place, split)
+        self.check(x, y, split, place)
+        arrays = ImageArrays(x, y, self.name, split, array_checksum(x, y))
+        write_cache(self.cache_path(split), arrays, place)
+        return arrays
+
+    def locate(self, split: str) -> tuple[Source | None, Path | None, list[str]]:
+        """The first source holding ``split`` and where, or (None, None, the places looked at); reads nothing."""
         looked = [] if paths.data_root() else ["$OOD_DATA_ROOT (not set)"]
         for source in self.sources:
             place, tried = source.locate(split)
             looked += tried
             if place is not None:
-                x, y = source.read(place, split)
-                self.check(x, y, split, place)
-                arrays = ImageArrays(x, y, self.name, split, array_checksum(x, y))
-                write_cache(self.cache_path(split), arrays, place)
-                return arrays
-        raise DatasetMissing(
-            f"dataset {self.name!r} (split {split!r}) not found. Looked in, in order:\n"
-            + "".join(f"  - {p}\n" for p in looked) + f"Get it with: {self.hint}")
+                return source, place, looked
+        return None, None, looked
+
+    def missing(self, split: str, looked: list[str]) -> str:
+        return (f"dataset {self.name!r} (split {split!r}) not found. Looked in, in order:\n"
+                + "".join(f"  - {p}\n" for p in looked) + f"Get it with: {self.hint}")
+
+    def present(self, split: str) -> str | None:
+        """None when ``split`` can be loaded (a cache file or a source is there), else the message of ``load``.
+        Cheap: it looks for files and reads none."""
+        if self.cache_path(split).is_file():
+            return None
+        source, _, looked = self.locate(split)
+        return None if source is not None else self.missing(split, looked)
 
 
 def read_cache(spec: DatasetSpec, split: str) -> ImageArrays | None:

@@ -1,0 +1,137 @@
+"""The runner's one-paragraph errors and its console progress (issue 11, items 3-5).
+
+The end-to-end tests run real notebooks through papermill and a real kernel: small ones written here, so that a
+failure in a known cell, a full disk inside the kernel and the kernel's progress bars can be staged exactly."""
+import io
+import json
+import os
+import re
+
+import nbformat
+import pytest
+
+from ood_lib import progress, reproduce
+
+
+def _notebook(folder, name, *cells):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("profile = 'smoke'\noverrides = {}\ncompute = True")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, folder / name)
+
+
+@pytest.fixture
+def notebooks(tmp_path, monkeypatch, machine):
+    """The runner pointed at a folder of small notebooks (``smoke`` profile, results in a fresh folder)."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    monkeypatch.setattr(reproduce, "NOTEBOOK_DIR", folder)
+    machine("m")
+    return folder
+
+
+def test_a_failing_notebook_is_one_paragraph_naming_notebook_cell_exception_and_copy(notebooks, capsys):
+    _notebook(notebooks, "01_fails.ipynb", "x = 1", "def f():\n    raise ValueError('epsilon must be below 1, got 3')\nf()")
+    rc = reproduce.main(["--profile", "smoke", "--notebooks", "01"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback" not in err and "PapermillExecutionError" not in err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 2, err
+    assert lines[0].startswith("error: notebook 01_fails.ipynb failed at In [4]: "
+                               "ValueError: epsilon must be below 1, got 3"), err
+    copy = re.search(r"is (\S+\.ipynb)$", lines[1]).group(1)
+    executed = nbformat.read(copy, as_version=4)  # In [4]: papermill adds a cell of the injected parameters
+    failed = [c for c in executed.cells if c.cell_type == "code" and c.execution_count == 4]
+    assert len(failed) == 1 and "raise ValueError" in failed[0].source
+    assert [o.get("ename") for o in failed[0].outputs] == ["ValueError"]
+
+
+def test_a_full_disk_inside_a_notebook_names_the_path_and_the_fix(notebooks, capsys):
+    _notebook(notebooks, "01_disk.ipynb",
+              "import errno, os\nraise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), '/data/results/x.csv')")
+    assert reproduce.main(["--profile", "smoke", "--notebooks", "01"]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on the disk that holds /data/results/x.csv" in err
+    assert "OOD_RESULTS_DIR" in err and "run the same command again" in err and "Traceback" not in err
+
+
+def test_an_unwritable_results_folder_is_refused_before_any_work(machine, monkeypatch, capsys):
+    """The probe write of ``preflight`` fails as it would in a read-only folder (the tests run as root, for whom
+    permissions do not stop a write, so the failure is staged)."""
+    home = machine("ro")
+    real = type(home).write_bytes
+
+    def refuse(self, data):
+        if self.name.startswith(".write-test") and "results" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(type(home), "write_bytes", refuse)
+    assert reproduce.main(["--profile", "smoke", "--notebooks", "01"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write to {home / 'results' / 'smoke'} (Permission denied)")
+    assert "OOD_RESULTS_DIR" in err and "nothing was run" in err
+    assert not (home / "results" / "smoke" / "notebooks").exists()
+
+
+def test_a_missing_data_set_is_refused_before_any_work(machine, monkeypatch, tmp_path, capsys):
+    machine("nodata")
+    monkeypatch.setenv("OOD_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("OOD_DATA_ROOT", str(tmp_path / "empty-root"))
+    assert reproduce.main(["--profile", "smoke", "--notebooks", "01"]) == 1
+    err = capsys.readouterr().err
+    assert re.match(r"error: dataset '(fashion_mnist|mnist|animal_mnist)' \(split '(train|test)'\) not found\. "
+                    r"Looked in, in order:", err), err
+    assert "Get it with: make data" in err and err.rstrip().endswith("Nothing was run.")
+
+
+@pytest.mark.parametrize("errno_, words", [(28, "no space left on the disk that holds /r/m.csv"),
+                                           (13, "/r/m.csv cannot be written (Permission denied)"),
+                                           (30, "/r/m.csv cannot be written (Read-only file system)")])
+def test_os_errors_are_explained(errno_, words):
+    message = reproduce.explain_os_error(errno_, "/r/m.csv", "notebook 01")
+    assert message.startswith("notebook 01: ") and words in message
+
+
+def test_other_os_errors_are_not_dressed_up():
+    assert reproduce.explain_os_error(2, "/r/m.csv", "x") is None
+
+
+def test_bars_write_events_under_the_runner_and_the_follower_draws_them(tmp_path, monkeypatch):
+    events = tmp_path / "p.jsonl"
+    monkeypatch.setenv(progress.ENV, str(events))
+    with progress.Bar(3, "base seed 0", unit="epoch") as bar:
+        for _ in range(3):
+            bar.update()
+    lines = [json.loads(l) for l in events.read_text().splitlines()]
+    assert [(e["n"], e["closed"]) for e in lines] == [(0, False), (1, False), (2, False), (3, False), (3, True)]
+    out = io.StringIO()
+    follower = progress.Follower(events, stream=out)
+    follower.stop()  # reads everything once and closes the bars
+    assert "base seed 0" in out.getvalue() and "3/3" in out.getvalue()
+    assert follower.bars == {}
+
+
+def test_a_bar_with_nothing_to_do_is_silent(tmp_path, monkeypatch):
+    events = tmp_path / "p.jsonl"
+    monkeypatch.setenv(progress.ENV, str(events))
+    progress.Bar(5, "resumed", initial=5).close()  # a finished run, only reloaded
+    progress.Bar(1, "one batch").close()
+    assert not events.exists()
+
+
+def test_the_runner_shows_the_kernels_progress_on_its_console(notebooks, capfd):
+    """The kernel runs in another process: its bar reaches the runner's console through the events file."""
+    _notebook(notebooks, "01_bar.ipynb",
+              "from ood_lib import progress\nimport time\n"
+              "with progress.Bar(4, 'train seed 7', unit='epoch') as bar:\n"
+              "    for _ in range(4):\n        time.sleep(0.3)\n        bar.update()")
+    assert reproduce.main(["--profile", "smoke", "--notebooks", "01"]) == 0
+    err = capfd.readouterr().err
+    assert "train seed 7" in err and "4/4" in err
+    executed = nbformat.read(os.environ["OOD_RESULTS_DIR"] + "/smoke/notebooks/01_bar.ipynb", as_version=4)
+    assert not any(c.get("outputs") for c in executed.cells[1:]), "the bar must not go into the executed notebook"
+    assert not list((notebooks.parent / "m" / "results" / "smoke" / "notebooks").glob(".progress-*"))
