@@ -41,6 +41,12 @@ NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 STAGED_NOTEBOOKS = ("01", "02", "03", "04", "06")  # the notebooks that read stages (and take the `compute` parameter)
 
 
+def kernel_config():  # papermill's kernels: CurveZMQ-encrypted channels (no plain-TCP warning)
+    import zmq
+    from traitlets.config import Config
+    return Config(KernelManager={"transport_encryption": "auto" if zmq.has("curve") else "disabled"})
+
+
 def notebook_files() -> dict[str, Path]:
     """'01' -> notebooks/01_intermediate_stage.ipynb, for every notebook present."""
     return {p.name[:2]: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))}
@@ -131,7 +137,7 @@ def _execute(profile, path: Path, out_dir: Path, parameters: dict) -> None:
     os.environ[progress.ENV] = str(events)
     try:
         papermill.execute_notebook(str(path), str(executed), cwd=str(NOTEBOOK_DIR), parameters=parameters,
-                                   progress_bar=False, log_output=False)
+                                   progress_bar=False, log_output=False, config=kernel_config())
     except PapermillExecutionError as e:
         raise RunError(explain_notebook_failure(e, path, executed)) from None
     except OSError as e:
