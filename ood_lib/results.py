@@ -2,8 +2,9 @@
 
 * ``results/<profile>/metrics.csv``     notebook, seed, model, epoch, detector, id_set, ood_set, metric, value
 * ``results/<profile>/timings.csv``     notebook, stage, seconds, device, cached
-* ``results/<profile>/provenance.json`` per notebook: git commit, package versions, device, data checksums,
-                                        profile parameters, seeds, time.
+* ``results/<profile>/provenance.json`` per notebook: git commit, package versions, device, the machine (processor,
+                                        PyTorch's CPU capability, math libraries, threads: ``machine_info``),
+                                        data checksums, profile parameters, seeds, time.
 
 Re-running a notebook replaces its own rows and entries, never another notebook's.
 
@@ -332,6 +333,80 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# The values torch.backends.cpu.get_cpu_capability() returns (its docstring; "ZVECTOR" and the SVE widths in some
+# releases): the instruction set of the vectorised kernels that ATen picked at start-up (ATEN_CPU_CAPABILITY lowers it).
+CPU_CAPABILITIES = ("DEFAULT", "NO AVX", "AVX2", "AVX512", "VSX", "Z VECTOR", "ZVECTOR", "SVE", "SVE128", "SVE256",
+                    "SVE512")
+# Environment variables that change the threads or the arithmetic of the math libraries, recorded when set.
+MATH_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_CBWR",
+            "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CUBLAS_WORKSPACE_CONFIG")
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The processor's model name: the first "model name" of /proc/cpuinfo on Linux (or "cpu model", "Hardware",
+    "Model", "cpu" where the architecture names it so), else ``platform.processor()``, else the machine type.
+    ``cpuinfo`` is the text of /proc/cpuinfo (read when None)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip():
+            fields.setdefault(key.strip(), value.strip())
+    for key in ("model name", "cpu model", "Hardware", "Model", "cpu"):
+        if key in fields:
+            return fields[key]
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def parse_torch_config(text: str) -> dict:
+    """The math libraries in ``torch.__config__.show()``'s text: the BLAS and LAPACK backends, the MKL, oneDNN and
+    OpenBLAS versions (None where the build does not name one), OpenMP, and the highest CPU capability compiled in;
+    ``math_library`` sums them up in one string, e.g. "BLAS mkl (MKL 2024.2), oneDNN 3.12.0"."""
+    def find(pattern: str) -> str | None:
+        m = re.search(pattern, text)
+        return m.group(1).strip() if m else None
+
+    out = {
+        "blas": find(r"BLAS_INFO=([^,\s]+)"),
+        "lapack": find(r"LAPACK_INFO=([^,\s]+)"),
+        "mkl_version": find(r"Math Kernel Library Version ([0-9][\w.]*)"),
+        "onednn_version": find(r"(?:MKL-DNN|oneDNN)\s+v?([0-9][\w.]*)"),
+        "openblas_version": find(r"OpenBLAS[^0-9\n]*([0-9]+\.[0-9]+(?:\.[0-9]+)?)"),
+        "openmp": find(r"OpenMP (\d+)"),
+        "compiled_cpu_capability": find(r"CPU capability usage: ([^\n]+)"),
+    }
+    blas = out["blas"] or "unknown"
+    version = out["mkl_version"] if blas == "mkl" else out["openblas_version"] if blas.startswith("open") else None
+    summary = f"BLAS {blas}" + (f" ({'MKL' if blas == 'mkl' else 'OpenBLAS'} {version})" if version else "")
+    if out["onednn_version"]:
+        summary += f", oneDNN {out['onednn_version']}"
+    out["math_library"] = summary
+    return out
+
+
+def machine_info() -> dict:
+    """What CPU results depend on beyond the code and the data: the processor, the instruction set of PyTorch's
+    vectorised kernels, the math libraries (BLAS/LAPACK, MKL, oneDNN) and the thread counts."""
+    info = {
+        "processor": cpu_model(),
+        "machine": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_available": torch.backends.mkl.is_available(),
+        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "openmp_available": torch.backends.openmp.is_available(),
+        **parse_torch_config(torch.__config__.show()),
+    }
+    info["env"] = {k: os.environ[k] for k in MATH_ENV if k in os.environ}
+    return info
+
+
 def read_provenance(path: Path) -> dict:
     """provenance.json as a dict ({} when absent). One that does not parse (or is not a JSON object) is moved
     aside to ``provenance.json.damaged-<time>`` with a warning, and {} returned. Call it under the lock."""
@@ -368,6 +443,7 @@ def write_provenance(profile, notebook: str, device: torch.device | str, data_ch
         "packages": package_versions(),
         "platform": platform.platform(),
         "device": device_name(device),
+        "machine": machine_info(),
         "profile": profile.to_dict(),
         "seeds": list(profile.seeds),
         "data_checksums": data_checksums,
