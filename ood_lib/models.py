@@ -128,9 +128,12 @@ def resnet_small(num_classes: int = 10, in_channels: int = 1, width: int = 16, b
                  mean: Sequence[float] = FASHION_MNIST_MEAN, std: Sequence[float] = FASHION_MNIST_STD,
                  affine_bn: bool = True) -> ResNet:
     """Small CIFAR-style ResNet (He et al. 2016, Sec. 4.2) for CPU profiles on 28x28 grayscale inputs:
-    3x3 stem, then stages of BasicBlocks with widths (w, 2w, 4w) and strides (1, 2, 2); feature dim 4w.
-    The defaults (w=16, 2 blocks per stage) give a ResNet-14 with a 64-d feature."""
-    return ResNet((width, 2 * width, 4 * width), blocks, num_classes, in_channels, mean, std, affine_bn)
+    3x3 stem, then one stage of BasicBlocks per entry of ``blocks``, widths (w, 2w, 4w, ...) and strides
+    (1, 2, 2, ...); feature dim w * 2**(stages - 1). The defaults (w=16, 2 blocks in each of 3 stages) give a
+    ResNet-14 with a 64-d feature. A fourth stage (8w at 4x4) adds most of the parameters for a third more
+    compute."""
+    widths = tuple(width * 2 ** i for i in range(len(blocks)))
+    return ResNet(widths, blocks, num_classes, in_channels, mean, std, affine_bn)
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3, mean: Sequence[float] = CIFAR10_MEAN,
