@@ -135,3 +135,28 @@ def test_the_runner_shows_the_kernels_progress_on_its_console(notebooks, capfd):
     executed = nbformat.read(os.environ["OOD_RESULTS_DIR"] + "/smoke/notebooks/01_bar.ipynb", as_version=4)
     assert not any(c.get("outputs") for c in executed.cells[1:]), "the bar must not go into the executed notebook"
     assert not list((notebooks.parent / "m" / "results" / "smoke" / "notebooks").glob(".progress-*"))
+
+
+def test_training_reports_each_epoch_and_a_finished_run_shows_no_bar(tmp_path, monkeypatch):
+    import torch
+
+    from ood_lib.config import TrainConfig
+    from ood_lib.models import resnet_small
+    from ood_lib.train import train
+
+    events = tmp_path / "p.jsonl"
+    monkeypatch.setenv(progress.ENV, str(events))
+    x = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
+    y = torch.arange(32) % 3
+
+    def run(epochs):
+        torch.manual_seed(0)
+        train(resnet_small(num_classes=3, width=4, blocks=(1, 1, 1)), x, y, TrainConfig(epochs=epochs, batch_size=16),
+              seed=0, run_dir=tmp_path / "run", device=torch.device("cpu"), log=lambda s: None, name="base")
+        lines = [json.loads(l) for l in events.read_text().splitlines()]
+        events.unlink()
+        return [(e["desc"], e["total"], e["n"], e["closed"]) for e in lines]
+
+    assert run(2) == [("base seed 0", 2, n, False) for n in (0, 1, 2)] + [("base seed 0", 2, 2, True)]
+    events.write_text("")
+    assert run(2) == []  # a finished run is only reloaded: no bar
