@@ -77,8 +77,9 @@ class Bar:
 class Follower:
     """Draw on this console the bars that a notebook's kernel writes to ``path`` (a thread; ``stop`` ends it).
 
-    On a terminal the bars redraw in place; in a log file (CI) each bar prints a line at most every 30 s and
-    when it closes."""
+    On a terminal the bars redraw in place, and a transient bar (``leave=False``: one extraction) appears only
+    once it has run for 2 s. In a log file (CI) only the lasting bars (a training run) are written, at most every
+    30 s and when they close."""
 
     def __init__(self, path: Path, stream=None, poll: float = 0.5):
         self.path, self.stream, self.poll = Path(path), stream or sys.stderr, poll
@@ -125,9 +126,12 @@ class Follower:
         bar = self.bars.get(e["id"])
         if bar is None:
             tty = getattr(self.stream, "isatty", lambda: False)()
+            if not tty and not e["leave"]:
+                return
             bar = self.bars[e["id"]] = tqdm(total=e["total"], desc=e["desc"], unit=e["unit"], leave=e["leave"],
                                            file=self.stream, dynamic_ncols=True, position=len(self.bars),
-                                           mininterval=0.5 if tty else 30.0, maxinterval=1e9 if not tty else 10.0)
+                                           delay=0 if e["leave"] else 2.0, mininterval=0.5 if tty else 30.0,
+                                           maxinterval=10.0 if tty else 1e9)
         bar.update(e["n"] - bar.n)
         if e["closed"]:
             bar.close()

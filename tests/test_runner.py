@@ -160,3 +160,18 @@ def test_training_reports_each_epoch_and_a_finished_run_shows_no_bar(tmp_path, m
     assert run(2) == [("base seed 0", 2, n, False) for n in (0, 1, 2)] + [("base seed 0", 2, 2, True)]
     events.write_text("")
     assert run(2) == []  # a finished run is only reloaded: no bar
+
+
+def test_a_log_file_gets_the_training_bar_but_not_the_transient_extraction_bars(tmp_path, monkeypatch):
+    events = tmp_path / "p.jsonl"
+    monkeypatch.setenv(progress.ENV, str(events))
+    with progress.Bar(2, "base seed 0", unit="epoch") as train_bar:
+        for _ in range(2):
+            with progress.Bar(3, "extract", unit="batch", leave=False) as bar:
+                for _ in range(3):
+                    bar.update()
+            train_bar.update()
+    log = io.StringIO()  # not a terminal
+    progress.Follower(events, stream=log).stop()
+    assert "base seed 0" in log.getvalue() and "2/2" in log.getvalue()
+    assert "extract" not in log.getvalue()
