@@ -1,7 +1,23 @@
 """Fixtures shared by the test files."""
 import pytest
 
-from ood_lib import reproduce
+from ood_lib import paths, reproduce
+
+# The raw-data root when OOD_DATA_ROOT is unset: the Makefile's rule (and .ci/run's), ../shared/data when it exists.
+SHARED_DATA = paths.PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_root():
+    """OOD_DATA_ROOT as ``make test`` sets it, for every test and the notebooks they run: the variable when set, else
+    ../shared/data when that folder exists. So a plain ``pytest`` runs the real-data tests where the data is; they
+    skip only when a set is in none of the places the library looks (the skip reason lists them). A test that needs
+    the variable unset or elsewhere sets it with monkeypatch. Returns the root in use (None: none)."""
+    mp = pytest.MonkeyPatch()
+    if paths.data_root() is None and SHARED_DATA.is_dir():
+        mp.setenv("OOD_DATA_ROOT", str(SHARED_DATA))
+    yield paths.data_root()
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

@@ -45,15 +45,12 @@ def spec_like(name, sources, counts, **kw):
     return dataclasses.replace(DATASETS[name], sources=tuple(sources), counts=counts, class_counts={}, **kw)
 
 
-SHARED_DATA = paths.PROJECT_ROOT.parent / "shared" / "data"
-
-
 @pytest.fixture
-def real_data_root(monkeypatch):
-    """The raw-data root by the Makefile's rule: OOD_DATA_ROOT when set, else ../shared/data when it exists."""
-    if paths.data_root() is None and SHARED_DATA.is_dir():
-        monkeypatch.setenv("OOD_DATA_ROOT", str(SHARED_DATA))
-    return paths.data_root()
+def real_data_root(data_root):
+    """The raw-data root by the Makefile's rule (conftest's ``data_root``): OOD_DATA_ROOT when set, else
+    ../shared/data when it exists."""
+    assert paths.data_root() == data_root
+    return data_root
 
 
 def load_real(name, split):
@@ -150,9 +147,11 @@ def test_cache_round_trip(env):
     spec = idx_spec()
     first = spec.load("train")
     assert spec.cache_path("train") == env.ddir / "cache" / "fashion_mnist-train.npz"
-    assert spec.cache_path("train").is_file()
     expected = np.frombuffer(written["train-images-idx3-ubyte"], np.uint8, offset=16).reshape(12, 28, 28, 1)
     assert np.array_equal(first.x, expected) and list(first.y) == list(np.arange(12) % 10)
+    with np.load(spec.cache_path("train"), allow_pickle=False) as z:  # the cache file holds the IDX file's content
+        assert z["x"].dtype == np.uint8 and np.array_equal(z["x"], expected)
+        assert list(z["y"]) == list(np.arange(12) % 10) and str(z["checksum"]) == first.checksum
     for f in (env.root / "fashion-mnist").iterdir():   # the second load must come from the cache
         f.unlink()
     second = spec.load("train")

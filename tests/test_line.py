@@ -1,5 +1,7 @@
 """LINe (Ahn et al., CVPR 2023; docs/methods.md §2): closed-form contributions vs autograd, mask sizes, the order of operations,
 the special cases Energy and DICE, and the real DICE DenseNet checkpoint."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -184,14 +186,37 @@ def test_missing_class_is_an_error():
         fit_line(partial, head)
 
 
-def test_line_is_registered_as_a_posthoc_detector():
+def test_registered_line_on_a_hand_computed_example():
+    """The registry's entry (fit with the CIFAR-10 setting p_a = p_w = 90, tau = 1) on a 2-class, 4-unit head,
+    every number worked out by hand. With 4 values, percentile 90 is v3 + 0.7 (v4 - v3), and with 8 values
+    v7 + 0.3 (v8 - v7): each mask keeps exactly one entry, the largest."""
     entry = POSTHOC["line"]
-    assert entry.name == "line" and entry.score is line and "LINe" in entry.paper
-    train, head = _random_problem()
+    assert entry.name == "line" and "LINe" in entry.paper
+    w = np.array([[2.0, 1.5, 0.0, 0.5], [0.0, 1.0, 3.0, 1.0]])
+    b = np.array([0.5, -0.5])
+    head = Head(weight=w, bias=b)
+    feats = np.array([[0.5, 2.5, 1, 2], [1.5, 1.5, 1, 0],   # class 0: mean (1, 2, 1, 1)
+                      [2, 0, 1, 1], [0, 2, 1, 1]], np.float32)  # class 1: mean (1, 1, 1, 1)
+    train = TrainSet(features=feats, logits=feats @ w.T + b, labels=np.array([0, 0, 1, 1]))
     stats = entry.fit(train, head)
     assert stats.setting() == LINE_CIFAR10
-    np.testing.assert_array_equal(entry.score(train.features, train.logits, head, stats),
-                                  line(train.features, None, head, stats))
+    # C = W * class mean: C0 = (2, 3, 0, .5), C1 = (0, 1, 3, 1). AP keeps unit 1 for class 0 (W alone would
+    # pick unit 0: the class mean matters) and unit 2 for class 1.
+    np.testing.assert_array_equal(stats.contributions, [[2, 3, 0, 0.5], [0, 1, 3, 1]])
+    np.testing.assert_array_equal(stats.masks.activation, [[0, 1, 0, 0], [0, 0, 1, 0]])
+    # WP: |C0| * W = [[4, 4.5, 0, .25], [0, 3, 0, .5]] keeps W[0, 1]; |C1| * W = [[0, 1.5, 0, .5], [0, 1, 9, 1]]
+    # keeps W[1, 2]
+    only = np.zeros((2, 2, 4), bool)
+    only[0, 0, 1] = only[1, 1, 2] = True
+    np.testing.assert_array_equal(stats.masks.weight, only)
+    test = np.array([[0.2, 0.8, 0.1, 0.4],    # full head: 2.3 vs 1.0 -> class 0; g = (1.5 * .8 + .5, -.5)
+                     [1.6, 0.1, 0.9, 0.9]])   # unclipped: 4.3 vs 3.2 -> class 0, but clipped to 1: 3.1 vs 3.2
+    expected = [math.log(math.exp(1.7) + math.exp(-0.5)),  # -> class 1; g = (.5, 3 * .9 - .5)
+                math.log(math.exp(0.5) + math.exp(2.2))]
+    # the logits argument is unused: the prediction comes from the clipped features
+    np.testing.assert_allclose(entry.score(test, np.zeros((2, 2)), head, stats), expected, rtol=1e-12)
+    _, pred = line_logits(test, head, stats)
+    assert pred.tolist() == [0, 1]
 
 
 def test_importing_the_registry_alone_registers_line():
@@ -202,15 +227,13 @@ def test_importing_the_registry_alone_registers_line():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__import__("pathlib").Path(__file__).parents[1])
 
 
-def test_pretrained_dice_densenet_sanity(monkeypatch):
-    """The real CIFAR-10 DenseNet-BC-100: C is 10 x 342 and AP keeps 35 neurons per class (a few hundred images)."""
-    from ood_lib import paths
+def test_pretrained_dice_densenet_sanity():
+    """The real CIFAR-10 DenseNet-BC-100: C is 10 x 342 and AP keeps 35 neurons per class (a few hundred images).
+    The data are found as ``make test`` finds them (conftest's ``data_root``); skipped only when they are nowhere."""
     from ood_lib.data import DatasetMissing, load_dataset
     from ood_lib.features import extract
     from ood_lib.models import load_pretrained
 
-    root = paths.data_root() or paths.PROJECT_ROOT.parent / "shared" / "data"
-    monkeypatch.setenv("OOD_DATA_ROOT", str(root))
     try:
         model = load_pretrained("dice_densenet100_cifar10")
         ds = load_dataset("cifar10", "train")

@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from ood_lib import models, paths
+from ood_lib import models
 from ood_lib.models import (ARCHITECTURES, PRETRAINED, densenet_bc, load_pretrained, resnet18, resnet_small,
                             weights_digest, wrn)
 from ood_lib.paths import PROJECT_ROOT, models_root
 
 SHARED = PROJECT_ROOT.parent / "shared"
-SHARED_DATA = SHARED / "data"   # the raw-data root when OOD_DATA_ROOT is unset (the Makefile's rule)
 
 # (builder, input shape, feature_dim, feature-map side): tiny inputs, the real architectures where cheap enough.
 CASES = {
@@ -157,15 +156,23 @@ def test_corrupted_checkpoint_fails_hash_check_before_unpickling(name, tmp_path,
         load_pretrained(name, root=tmp_path)
 
 
-@pytest.mark.parametrize("name, affine", [
-    pytest.param("dice_densenet100_cifar10", True, marks=needs_checkpoint("dice_densenet100_cifar10")),
-    pytest.param("um_densenet_cifar10", False, marks=needs_checkpoint("um_densenet_cifar10")),
+# The input normalisation of each checkpoint's own training code, written out here (not the library's constants):
+# DICE/LINe's transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)); Unleashing Mask's
+# mean (125.3, 123.0, 113.9) / 255 and std (63.0, 62.1, 66.7) / 255.
+DICE_NORMALISE = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+UM_NORMALISE = (tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7)))
+
+
+@pytest.mark.parametrize("name, affine, normalise", [
+    pytest.param("dice_densenet100_cifar10", True, DICE_NORMALISE, marks=needs_checkpoint("dice_densenet100_cifar10")),
+    pytest.param("um_densenet_cifar10", False, UM_NORMALISE, marks=needs_checkpoint("um_densenet_cifar10")),
 ])
-def test_pretrained_loads_strictly(name, affine):
+def test_pretrained_loads_strictly(name, affine, normalise):
     model = load_pretrained(name)
     assert not model.training and model.feature_dim == 342 and model.fc.out_features == 10
     assert all(m.affine == affine for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(PRETRAINED[name].mean))
+    mean, std = (torch.tensor(v, dtype=model.normalize.mean.dtype) for v in normalise)
+    assert torch.allclose(model.normalize.mean.flatten(), mean) and torch.allclose(model.normalize.std.flatten(), std)
     # against the file itself, read here without load_pretrained: its pinned hash, then every tensor by name
     spec, data = PRETRAINED[name], model_path(name).read_bytes()
     assert hashlib.sha256(data).hexdigest() == spec.sha256
@@ -180,16 +187,13 @@ def test_pretrained_loads_strictly(name, affine):
 @pytest.fixture(scope="module")
 def cifar10_test_subset():
     """The first 200 test images of each class of CIFAR-10 (the JPEG copy in ../shared/data, 2,000 images), found
-    as the library finds it: OOD_DATA_ROOT, else ../shared/data (the Makefile's default), then data/raw and the
-    array cache. Skipped, with every place looked, only when it is nowhere."""
+    as the library finds it: OOD_DATA_ROOT, else ../shared/data (the Makefile's default, conftest's ``data_root``),
+    then data/raw and the array cache. Skipped, with every place looked, only when it is nowhere."""
     from ood_lib.data import DatasetMissing, load_dataset
-    with pytest.MonkeyPatch.context() as mp:
-        if paths.data_root() is None and SHARED_DATA.is_dir():
-            mp.setenv("OOD_DATA_ROOT", str(SHARED_DATA))
-        try:
-            test = load_dataset("cifar10", "test")
-        except DatasetMissing as e:
-            pytest.skip(f"CIFAR-10 is not installed here: {e}")
+    try:
+        test = load_dataset("cifar10", "test")
+    except DatasetMissing as e:
+        pytest.skip(f"CIFAR-10 is in none of the places looked: {e}")
     idx = np.concatenate([np.flatnonzero(test.y == c)[:200] for c in range(10)])
     x = torch.from_numpy(test.x[idx]).permute(0, 3, 1, 2).float().div(255)
     return x, torch.from_numpy(test.y[idx])

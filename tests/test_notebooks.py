@@ -1,12 +1,28 @@
 """Every notebook runs under papermill on the smoke profile, through the runner, and writes its contracts."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from ood_lib import reproduce
 from ood_lib.config import load_profile
 from ood_lib.metrics import METRICS
+
+
+def assert_figure(folder, stem):
+    """``stem``.png and .pdf as ``plots.save`` writes them: a PNG of a figure a few inches wide at 200 dpi (the
+    default profile's are 669 to 1519 x 427 to 467 pixels) with something drawn on it, and a PDF."""
+    with Image.open(folder / f"{stem}.png") as im:
+        assert im.format == "PNG", stem
+        width, height = im.size
+        pixels = np.asarray(im.convert("RGB"))
+    assert 300 <= width <= 4000 and 150 <= height <= 4000, (stem, im.size)
+    inked = float((pixels < 245).any(axis=2).mean())  # not a blank (white) or a filled page
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert 0.01 < inked < 0.99 and colours > 20, (stem, inked, colours)
+    assert (folder / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem
 
 
 def test_notebook_01_writes_every_metric_row(smoke_run):
@@ -41,6 +57,7 @@ def test_notebook_01_writes_figures_tables_timings_provenance(smoke_run):
     for stem in ("01_training_curves", "01_energy_fpr95_per_epoch", "01_energy_auroc_per_epoch",
                  "01_detectors_fpr95_per_epoch"):
         assert {f"{stem}.pdf", f"{stem}.png"} <= figs
+        assert_figure(out / "figures/smoke", stem)
     sel = pd.read_csv(out / "results/smoke/01_epoch_selection.csv")
     assert set(sel.rule) == {"final", "oracle", "ood_val", "id_val"}
     # the oracle is the best test FPR95 by construction: never worse than any other rule (for the detectors scored
@@ -80,7 +97,7 @@ def test_notebook_04_compares_line_with_every_detector(smoke_run):
     clip_only = abl[(abl["clip (AC)"]) & (~abl["activation pruning (AP)"]) & (~abl["weight pruning (WP)"])]
     assert clip_only.fpr95.mean() == pytest.approx(react, abs=1e-9)
     for stem in ("04_detectors_fpr95", "04_line_sensitivity", "04_line_ablation"):
-        assert (out / f"figures/smoke/{stem}.png").exists()
+        assert_figure(out / "figures/smoke", stem)
 
 
 def test_notebook_02_atypicality_and_the_experiment(smoke_run):
@@ -111,7 +128,7 @@ def test_notebook_02_atypicality_and_the_experiment(smoke_run):
         assert (share - labels.value_counts().loc[share.index] * p.um.atypical_remove / len(labels)).abs().max() < 1
     assert removed["no_random"]["0"] != removed["no_random"]["1"]
     for stem in ("02_loss_vs_mask_ratio", "02_atypicality_views", "02_atypical_gallery", "02_without_atypical_energy"):
-        assert (out / f"figures/smoke/{stem}.png").exists()
+        assert_figure(out / "figures/smoke", stem)
     text = json.dumps(json.loads((out / "results/smoke/notebooks/02_atypical_samples.ipynb").read_text()))
     assert "Verdict:" in text and "Two views." in text
 
@@ -146,7 +163,7 @@ def test_notebook_03_gamma_um_umap(smoke_run):
     assert {"base, final", "base, OOD-val epoch", "base, oracle epoch", "UM (rule A)", "UMAP"} <= set(table.model)
     assert not any("fixed" in m for m in table.model)  # the fixed-γ diagnostic stays out of the headline table
     for stem in ("03_fine_tuning_curves", "03_um_gamma_sensitivity", "03_um_vs_final_fpr95", "03_energy_roc_um"):
-        assert (out / f"figures/smoke/{stem}.png").exists()
+        assert_figure(out / "figures/smoke", stem)
     text = json.dumps(json.loads((out / "results/smoke/notebooks/03_unleashing_mask.ipynb").read_text()))
     assert "improve on the final model" in text
 
@@ -189,16 +206,18 @@ def test_runner_rejects_unknown_names_before_work(capsys):
 def test_notebook_00_scores_the_pretrained_checkpoints(tmp_path, monkeypatch):
     from ood_lib.models import PRETRAINED, load_pretrained
 
+    # The checkpoints and CIFAR-10 are found as `make test` finds them (OOD_MODELS_ROOT, else ../shared/models;
+    # conftest's ``data_root``: OOD_DATA_ROOT, else ../shared/data); skipped only when they are nowhere.
     try:
         for name in PRETRAINED:
             load_pretrained(name)
     except FileNotFoundError as e:
-        pytest.skip(f"a pretrained checkpoint is not on this machine: {e}")
+        pytest.skip(f"a pretrained checkpoint is in none of the places looked: {e}")
     from ood_lib.data import DatasetMissing, load_dataset
     try:
         load_dataset("cifar10", "test")
     except DatasetMissing as e:
-        pytest.skip(f"CIFAR-10 is not on this machine: {e}")
+        pytest.skip(f"CIFAR-10 is in none of the places looked: {e}")
     monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / "figures"))
     small = {"data.id_test_size": 400, "data.ood_size": 200, "data.id_val_size": 10,

@@ -71,11 +71,24 @@ def test_registry_names_signatures_and_fit_and_score():
         assert det.score(test[:0], test_logits[:0], head, stats).shape == (0,), name
 
 
-def test_logit_wrappers_are_the_library_detectors():
-    _, head, test, z = _problem()
-    np.testing.assert_array_equal(ph.POSTHOC["msp"].score(test, z, head, None), detectors.msp(z))
-    np.testing.assert_array_equal(ph.POSTHOC["maxlogit"].score(test, z, head, None), detectors.maxlogit(z))
-    np.testing.assert_array_equal(ph.POSTHOC["energy"].score(test, z, head, None), detectors.energy(z))
+def test_logit_wrappers_on_hand_computed_logits():
+    """The registry's msp / maxlogit / energy on logits whose softmax is exact by hand: exp(z) = (1, 1, 1, 1),
+    (3, 1, 1, 1) and e^5 (1, 1, 1, 1); a logit of 1000 (exp overflows float64) must give 1 and 1000. The features
+    and head are not used (zeros and None)."""
+    z = np.array([[0.0, 0, 0, 0], [math.log(3), 0, 0, 0], [5.0, 5, 5, 5], [0, 1000.0, 0, 0]])
+    feats = np.zeros((4, 12))
+    expected = {"msp": [0.25, 0.5, 0.25, 1.0],
+                "maxlogit": [0.0, math.log(3), 5.0, 1000.0],
+                "energy": [math.log(4), math.log(6), 5 + math.log(4), 1000.0]}  # 1000 + log(1 + 3e-1000)
+    for name, want in expected.items():
+        got = ph.POSTHOC[name].score(feats, z, None, None)
+        assert got.dtype == np.float64 and got.shape == (4,), name
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=0, err_msg=name)
+    # and on the random problem, against scipy's softmax / logsumexp
+    _, head, test, z = _problem(seed=3)
+    np.testing.assert_allclose(ph.POSTHOC["msp"].score(test, z, head, None), softmax(z, axis=1).max(1), rtol=1e-12)
+    np.testing.assert_array_equal(ph.POSTHOC["maxlogit"].score(test, z, head, None), np.max(z, axis=1))
+    np.testing.assert_allclose(ph.POSTHOC["energy"].score(test, z, head, None), logsumexp(z, axis=1), rtol=1e-12)
 
 
 def test_fit_rejects_missing_classes_and_bad_labels():

@@ -3,6 +3,7 @@ import base64
 import io
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import nbformat
 import numpy as np
@@ -182,4 +183,11 @@ def test_smoke_report_in_headless_chromium(smoke_run, tmp_path):
     assert html_path.exists(), "reproduce.run writes the report after the notebooks"
     notebooks = sorted((out / "results/smoke/notebooks").glob("*.ipynb"))
     assert [p.name for p in notebooks] == [name for name, _ in done]
+    # the file itself, parsed: one embedded image per image output of the executed notebooks, no reference to
+    # anything outside it, a contents entry per notebook and section, each to an id on the page
+    page = Page(html_path.read_text(encoding="utf-8"))
+    assert len(page.imgs) == image_outputs(notebooks) > 0
+    assert all(src.startswith("data:image/") for src in page.imgs)
+    assert not [r for r in page.refs if "://" in r or r.startswith("//")]
+    assert len(page.toc_links) > len(notebooks) and all(unquote(h[1:]) in page.ids for h in page.toc_links)
     check_report_in_browser(html_path, notebooks, tmp_path)

@@ -2,6 +2,7 @@
 "machines" (results folders) and merged gives exactly the metrics.csv of the same study run in one piece."""
 import json
 import tarfile
+from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
@@ -9,6 +10,33 @@ import pytest
 from ood_lib import reproduce, shards, stages
 from ood_lib.config import load_profile
 from ood_lib.data import DatasetMissing, load_dataset
+
+
+class _Report(HTMLParser):
+    """Of an HTML report: its contents' links (``nav#contents a``), how many <img> and their sources' types."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.toc, self.imgs, self.srcs, self._nav = [], 0, [], 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "nav":
+            self._nav += bool(self._nav or a.get("id") == "contents")
+        elif tag == "a" and self._nav:
+            self.toc.append(a.get("href"))
+        elif tag == "img":
+            self.imgs += 1
+            self.srcs.append((a.get("src") or "").split(";")[0])
+
+    def handle_endtag(self, tag):
+        if tag == "nav" and self._nav:
+            self._nav -= 1
+
+
+def _report(path) -> _Report:
+    return _Report(path.read_text(encoding="utf-8"))
 
 
 def fake_shard(profile, stage, seed, value=0.5):
@@ -177,7 +205,10 @@ def test_merged_shards_equal_the_one_piece_run(machine, tmp_path):
     assert got == want
     m = pd.read_csv(merged / "results/cifar10/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
     assert set(m.notebook) == {"01", "02", "03", "04"} and set(m.seed) == {0, 1}
-    assert (merged / "results/cifar10/report.html").exists()
+    # the merged study's report has the one-piece run's contents (same notebooks and sections) and figures
+    merged_page, one_page = (_report(m / "results/cifar10/report.html") for m in (merged, one))
+    assert merged_page.toc == one_page.toc and len(merged_page.toc) > 4
+    assert merged_page.imgs == one_page.imgs > 0 and set(merged_page.srcs) == {"data:image/png"}
     timings = pd.read_csv(merged / "results/cifar10/timings.csv", dtype={"notebook": str})
     assert timings.stage.str.startswith("stage um seed 0").any()  # the real stage times travel with the bundles
     assert max(len(x.read_bytes()) for x in a + b + c) < 16 * 2**20

@@ -1,4 +1,6 @@
 """Training: augmentation, schedule, determinism, exact resume after an interruption, the NaN guard."""
+import hashlib
+import io
 import math
 
 import pytest
@@ -114,7 +116,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"epoch 2.*last good checkpoint.*epoch_001\.pt"):
         train(model, x, y, CFG, seed=0, run_dir=tmp_path, device=torch.device("cpu"), on_epoch_end=poison,
               log=lambda s: None)
-    assert (tmp_path / "epoch_001.pt").exists() and not (tmp_path / "epoch_002.pt").exists()
+    assert not (tmp_path / "epoch_002.pt").exists()
+    # the checkpoint named as the last good one is good: read by hand (train.py's docstring: a 91-byte header line
+    # with the SHA-256 of the torch.save bytes that follow), every tensor of the model's, all finite
+    data = (tmp_path / "epoch_001.pt").read_bytes()
+    assert data[:91] == b"ood_lib-checkpoint sha256=" + hashlib.sha256(data[91:]).hexdigest().encode() + b"\n"
+    weights = torch.load(io.BytesIO(data[91:]), map_location="cpu", weights_only=True)
+    assert set(weights) == set(_model().state_dict())
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
 # --- the GPU-only paths (bf16 autocast, channels-last), exercised on the CPU ---------------------------------------

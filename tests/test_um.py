@@ -480,16 +480,72 @@ def test_gamma_used_is_the_median_over_masks_unless_given():
     assert fixed.used == 0.15 and fixed.summary()["rule"] == "um.gamma (given)"
 
 
-def test_estimate_gamma_is_reproducible_and_uses_every_mask_seed():
+def _zeroed_here(model, keep, seed):
+    """A copy of ``model`` with mask ``seed``'s weights zeroed, written out from masking's documented rule (not
+    with it): one torch.Generator(seed) drawing Kaiming-uniform scores U(-b, b), b = fan_in^-1/2, per conv/linear
+    layer in module order; each layer keeps its round-half-up(keep * n) largest |score|."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in _conv_linear(out).values():
+            n = m.weight.numel()
+            score = (torch.rand(m.weight.shape, generator=gen) * 2 - 1) * (n // m.weight.shape[0]) ** -0.5
+            m.weight.view(-1)[score.abs().flatten().argsort()[:n - _kept(n, keep)]] = 0
+    return out
+
+
+def _every_augmentation_loss(model, x, y, pad=4):
+    """Cross-entropy (N, (2 pad + 1)^2 * 2) of each image under every crop offset of its zero-padded copy and
+    both flips: whatever augmentation a seed draws, each image's loss is one of these."""
+    xf = F.pad(x.float() / 255, (pad, pad, pad, pad))
+    h, w = x.shape[2:]
+    out = []
+    with torch.no_grad():
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                crop = xf[:, :, dy:dy + h, dx:dx + w]
+                out += [F.cross_entropy(model(v).double(), y, reduction="none") for v in (crop, crop.flip(3))]
+    return torch.stack(out, 1)
+
+
+def test_estimate_gamma_against_losses_computed_here():
+    """gamma's value for mask seed s = the mean training cross-entropy of the model with mask s's weights zeroed, in
+    eval mode, under the training augmentation seeded by s; checked against losses computed here without
+    ood_lib.um or ood_lib.masking, in batches of 5 (24 images: a short last batch)."""
     from types import SimpleNamespace
-    p = load_profile("smoke", {"um.mask_seeds": [3, 4, 5, 6, 7]})
+    seeds = [3, 4, 5, 6, 7]
     x, y = _images(24)
     data = SimpleNamespace(train_images=x, train_labels=y)
     model = _model().eval()
-    a, b = um.estimate_gamma(p, data, model, CPU), um.estimate_gamma(p, data, model, CPU)
-    assert a.values == b.values and a.seeds == (3, 4, 5, 6, 7)
-    expected = [um.masked_loss(model, x, y, p.um.mask_keep, s, CPU, p.eval.batch_size, p.train) for s in a.seeds]
-    assert list(a.values) == expected and len(set(a.values)) == 5
+    base_sets = {"um.mask_seeds": seeds, "eval.batch_size": 5}
+    no_aug = {"train.crop_padding": 0, "train.flip": False}
+    with torch.no_grad():
+        plain = F.cross_entropy(model(x.float() / 255).double(), y).item()
+    # nothing masked, no augmentation: every value is the plain mean cross-entropy
+    g = um.estimate_gamma(load_profile("smoke", {**base_sets, **no_aug, "um.mask_keep": 1.0}), data, model, CPU)
+    assert g.values == pytest.approx([plain] * 5, rel=1e-6) and g.seeds == tuple(seeds)
+    # random masks, no augmentation: each value is the loss of the copy zeroed here by the same seed
+    p = load_profile("smoke", {**base_sets, **no_aug})
+    g = um.estimate_gamma(p, data, model, CPU)
+    masked = {s: _zeroed_here(model, p.um.mask_keep, s) for s in seeds}
+    with torch.no_grad():
+        want = [F.cross_entropy(masked[s](x.float() / 255).double(), y).item() for s in seeds]
+    assert g.keep == 0.965 and g.values == pytest.approx(want, rel=1e-6)
+    assert len(set(g.values)) == 5 and plain not in g.values
+    # the smoke profile's training augmentation (crop padding 2, flip): reproducible; each value lies between the
+    # mean over images of their smallest and of their largest loss over all 5 x 5 crops and 2 flips; the draw
+    # depends on the mask seed (unmasked: the five values still differ)
+    for keep, nets in ((1.0, {s: model for s in seeds}), (0.965, masked)):
+        p = load_profile("smoke", {**base_sets, "um.mask_keep": keep})
+        assert (p.train.crop_padding, p.train.flip) == (2, True)
+        g = um.estimate_gamma(p, data, model, CPU)
+        assert um.estimate_gamma(p, data, model, CPU).values == g.values and len(set(g.values)) == 5
+        for s, v in zip(seeds, g.values):
+            every = _every_augmentation_loss(nets[s], x, y, pad=2)
+            lo, hi = every.min(1).values.mean().item(), every.max(1).values.mean().item()
+            assert lo * (1 - 1e-6) <= v <= hi * (1 + 1e-6) and hi - lo > 0.01, (keep, s, lo, v, hi)
+        if keep == 1.0:
+            assert plain not in g.values
 
 
 def test_top_k_per_class_takes_each_class_share_of_its_own_top():
