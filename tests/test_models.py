@@ -213,3 +213,26 @@ def test_pretrained_accuracy_on_cifar10_jpeg(name, cifar10_test_subset):
         pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
     accuracy = (pred == y).float().mean().item()
     assert 0.75 <= accuracy <= 0.90, f"{name}: top-1 {accuracy:.4f} on 2,000 CIFAR-10 JPEG test images"
+
+
+def _basic_block_parameters(c_in: int, c_out: int) -> int:
+    """Two 3x3 convs without bias, two BatchNorms (weight and bias), and a 1x1 projection with its BatchNorm when
+    the width changes."""
+    params = 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out + 2 * c_out
+    return params + (c_in * c_out + 2 * c_out if c_in != c_out else 0)
+
+
+@pytest.mark.parametrize("blocks, widths", [((1, 1, 1), (16, 32, 64)), ((1, 1, 1, 1), (16, 32, 64, 128))])
+def test_resnet_small_stages_and_parameter_count_by_hand(blocks, widths):
+    """One stage per entry of ``blocks``, widths doubling: 77,754 parameters for the default's three stages,
+    308,538 with a fourth (the candidate C3 of docs/default_recipe.md)."""
+    model = resnet_small(num_classes=10, width=16, blocks=blocks)
+    stem = 9 * 1 * 16 + 2 * 16
+    body = sum(_basic_block_parameters(a, b) for a, b in zip((16,) + widths[:-1], widths))
+    head = widths[-1] * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == stem + body + head
+    assert model.feature_dim == widths[-1]
+    side = 28
+    for _ in blocks[1:]:  # each later stage: a stride-2 3x3 conv with padding 1, so the side halves rounding up
+        side = (side + 1) // 2
+    assert model.feature_maps(torch.zeros(2, 1, 28, 28)).shape == (2, widths[-1], side, side)  # 7 or 4
