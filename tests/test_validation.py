@@ -36,7 +36,7 @@ from ood_lib.config import ProfileError, load_profile
     ({"model.options.width": -1}, "model.options", r"'width': -1.*RuntimeError.*Allowed: keyword arguments of "
                                                    r"ood_lib\.models\.resnet_small\(.*width"),
     ({"model.options.width": 0}, "model.options", r"'width': 0"),
-    ({"model.options.blocks": [1, 1]}, "model.options", r"'blocks': \[1, 1\]"),
+    ({"model.options.blocks": []}, "model.options", r"'blocks': \[\]"),
     ({"model.options.depth": 3}, "model.options", r"TypeError.*depth"),
     ({"model.options.blocks": "many"}, "model.options", r"'blocks': 'many'"),
     ({"threads": 0}, "threads", "at least 1"),
