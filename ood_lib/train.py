@@ -204,63 +204,62 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
             note_work("reused")  # a finished run: only reloaded
 
     n = images.shape[0]
-    bar = progress.Bar(cfg.epochs, f"{name} seed {seed}", unit="epoch", initial=start - 1)
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        lr = cosine_lr(cfg.lr, epoch - 1, cfg.epochs)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator(device=device).manual_seed(_epoch_seed(seed, epoch))
-        torch.manual_seed(_epoch_seed(seed, epoch))  # dropout and anything else drawing from the global RNG
-        model.train()
-        order = torch.randperm(n, generator=gen, device=device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for step, first in enumerate(range(0, n, cfg.batch_size)):
-            idx = order[first:first + cfg.batch_size]
-            if idx.numel() < 2:  # BatchNorm cannot train on a single image
-                continue
-            x = augment(images[idx].float().div_(255), gen, cfg.crop_padding, cfg.flip)
-            y = labels[idx]
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(x)
-                ce = F.cross_entropy(out.float(), y)
-            loss = ce if objective is None else objective(ce)
-            if (step % 20 == 0 or not cuda) and not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training loss is {loss.item()} at epoch {epoch}, step {step} (lr {lr:.4g}, seed {seed}). "
-                    f"Nothing was saved for this epoch; the last good checkpoint is "
-                    f"{run_dir / f'epoch_{epoch - 1:03d}.pt'}. Lower train.lr or check the data.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += ce.detach() * y.numel()
-            correct += (out.argmax(1) == y).sum()
-            seen += y.numel()
-        mean_loss = (loss_sum / seen).item()
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(f"training loss is {mean_loss} over epoch {epoch} (seed {seed}); "
-                                   f"the last good checkpoint is {run_dir / f'epoch_{epoch - 1:03d}.pt'}")
-        seconds = time.perf_counter() - t0
-        entry = {"epoch": epoch, "lr": lr, "train_loss": mean_loss, "train_acc": correct.item() / seen,
-                 "train_seconds": seconds, "images_per_second": seen / seconds}
-        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        save_checkpoint(weights, run_dir / f"epoch_{epoch:03d}.pt")
-        note_work("computed")
-        if on_epoch_end is not None:
-            entry.update(on_epoch_end(epoch, model) or {})
+    with progress.Bar(cfg.epochs, f"{name} seed {seed}", unit="epoch", initial=start - 1) as bar:
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            lr = cosine_lr(cfg.lr, epoch - 1, cfg.epochs)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            gen = torch.Generator(device=device).manual_seed(_epoch_seed(seed, epoch))
+            torch.manual_seed(_epoch_seed(seed, epoch))  # dropout and anything else drawing from the global RNG
             model.train()
-        history.append(entry)
-        save_checkpoint({"epoch": epoch, "seed": seed, "config": cfg.__dict__, "model": weights,
-                     "optimizer": opt.state_dict(), "history": history}, state_path)
-        log(f"seed {seed} epoch {epoch:3d}/{cfg.epochs}  lr {lr:.4f}  loss {mean_loss:.4f}  "
-            f"acc {entry['train_acc']:.4f}  {seconds:.1f}s ({entry['images_per_second']:.0f} img/s)"
-            + "".join(f"  {k} {v:.4f}" for k, v in entry.items() if k.startswith("log_")))
-        bar.update()
-    bar.close()
+            order = torch.randperm(n, generator=gen, device=device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            for step, first in enumerate(range(0, n, cfg.batch_size)):
+                idx = order[first:first + cfg.batch_size]
+                if idx.numel() < 2:  # BatchNorm cannot train on a single image
+                    continue
+                x = augment(images[idx].float().div_(255), gen, cfg.crop_padding, cfg.flip)
+                y = labels[idx]
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = model(x)
+                    ce = F.cross_entropy(out.float(), y)
+                loss = ce if objective is None else objective(ce)
+                if (step % 20 == 0 or not cuda) and not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training loss is {loss.item()} at epoch {epoch}, step {step} (lr {lr:.4g}, seed {seed}). "
+                        f"Nothing was saved for this epoch; the last good checkpoint is "
+                        f"{run_dir / f'epoch_{epoch - 1:03d}.pt'}. Lower train.lr or check the data.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += ce.detach() * y.numel()
+                correct += (out.argmax(1) == y).sum()
+                seen += y.numel()
+            mean_loss = (loss_sum / seen).item()
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(f"training loss is {mean_loss} over epoch {epoch} (seed {seed}); "
+                                       f"the last good checkpoint is {run_dir / f'epoch_{epoch - 1:03d}.pt'}")
+            seconds = time.perf_counter() - t0
+            entry = {"epoch": epoch, "lr": lr, "train_loss": mean_loss, "train_acc": correct.item() / seen,
+                     "train_seconds": seconds, "images_per_second": seen / seconds}
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            save_checkpoint(weights, run_dir / f"epoch_{epoch:03d}.pt")
+            note_work("computed")
+            if on_epoch_end is not None:
+                entry.update(on_epoch_end(epoch, model) or {})
+                model.train()
+            history.append(entry)
+            save_checkpoint({"epoch": epoch, "seed": seed, "config": cfg.__dict__, "model": weights,
+                         "optimizer": opt.state_dict(), "history": history}, state_path)
+            log(f"seed {seed} epoch {epoch:3d}/{cfg.epochs}  lr {lr:.4f}  loss {mean_loss:.4f}  "
+                f"acc {entry['train_acc']:.4f}  {seconds:.1f}s ({entry['images_per_second']:.0f} img/s)"
+                + "".join(f"  {k} {v:.4f}" for k, v in entry.items() if k.startswith("log_")))
+            bar.update()
     return history
 
 
