@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ood_lib import base
 from ood_lib.config import load_profile, parse_override
 from ood_lib.train import train
+from ood_lib.um import smoothed_minimum
 
 GATE = {"G1 clean train acc": 0.995, "G2 augmented train acc": 0.98, "G3 val-minimum epoch / E": 0.9}
 
@@ -40,13 +40,6 @@ def loss_and_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torc
         loss += F.cross_entropy(out, labels[i:i + batch], reduction="sum").item()
         correct += (out.argmax(1) == labels[i:i + batch]).sum().item()
     return loss / len(labels), correct / len(labels)
-
-
-def smoothed_argmin(values: list[float]) -> int:
-    """1-based epoch of the minimum of the centred 3-epoch moving average (window truncated at the ends)."""
-    v = np.asarray(values)
-    avg = [v[max(0, i - 1):i + 2].mean() for i in range(len(v))]
-    return int(np.argmin(avg)) + 1
 
 
 def main(argv=None) -> int:
@@ -75,7 +68,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     clean_loss, clean_acc = loss_and_accuracy(model, data.train_images, data.train_labels)
     E = profile.train.epochs
-    vmin = smoothed_argmin([h["val_loss"] for h in history])
+    _, vmin = smoothed_minimum([h["val_loss"] for h in history])  # rule B's smoothing (docs/methods.md §1.2)
     train_seconds = sum(h["train_seconds"] for h in history)
     found = {"G1 clean train acc": clean_acc, "G2 augmented train acc": history[-1]["train_acc"],
              "G3 val-minimum epoch / E": vmin / E}
