@@ -36,8 +36,9 @@ ARMS = {"no_atypical": "without the top-k atypical", "no_atypical_per_class": "w
 
 @torch.no_grad()
 def _log_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    model.eval().to(device)
-    out = [F.log_softmax(model(images[i:i + batch_size].to(device).float().div_(255)).double(), 1).cpu()
+    model.eval().to(device).to(memory_format=torch.channels_last)
+    out = [F.log_softmax(model(images[i:i + batch_size].to(device).float().div_(255)
+                               .contiguous(memory_format=torch.channels_last)).double(), 1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 

@@ -137,10 +137,13 @@ def _batches(images: torch.Tensor, batch_size: int, device: torch.device, channe
 
 @torch.no_grad()
 def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1000,
-            amp: bool = False) -> dict[str, np.ndarray]:
-    """Logits and penultimate features (float32) of uint8 images (N, C, H, W), model in eval mode."""
+            amp: bool = False, channels_last: bool = True) -> dict[str, np.ndarray]:
+    """Logits and penultimate features (float32) of uint8 images (N, C, H, W), model in eval mode (and, with
+    ``channels_last``, in that memory format: float32 sums in another order, the same values to rounding)."""
     model.eval().to(device)
-    bf16, channels_last = fast_paths(device, amp, amp)
+    bf16, channels_last = fast_paths(device, amp, channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     logits, feats = [], []
     with progress.Bar(-(-images.shape[0] // batch_size), "extract", unit="batch", leave=False) as bar:
         for x in _batches(images, batch_size, device, channels_last=channels_last):
@@ -165,7 +168,7 @@ def outputs(cache: FeatureCache, model: torch.nn.Module, digest: str, images: to
             pre: Preprocess, device: torch.device, batch_size: int = 1000, amp: bool = False) -> dict[str, np.ndarray]:
     """Cached ``extract``: ``images`` are already preprocessed with ``pre``; ``checksum`` is the source data's."""
     parts = {"what": "outputs", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "amp": bool(amp)}
+             "amp": bool(amp), "layout": "channels_last"}
     return cache.get(parts, lambda: extract(model, images, device, batch_size, amp))
 
 
@@ -174,11 +177,11 @@ def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images
                 batch_size: int = 500) -> np.ndarray:
     """Cached ODIN scores (they need input gradients, so they cannot come from the logits cache)."""
     parts = {"what": "odin", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "temperature": temperature, "epsilon": epsilon}
+             "temperature": temperature, "epsilon": epsilon, "layout": "channels_last"}
 
     def compute():
-        model.eval().to(device)
-        x = images.float().div_(255)
+        model.eval().to(device).to(memory_format=torch.channels_last)
+        x = images.float().div_(255).contiguous(memory_format=torch.channels_last)
         chunks = range(0, len(x), batch_size)
         with progress.Bar(len(chunks), "ODIN", unit="batch", leave=False) as bar:
             scores = []

@@ -52,14 +52,16 @@ def flood(loss: torch.Tensor, gamma: float) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
               batch_size: int, aug: TrainConfig | None = None, seed: int = 0) -> float:
-    """Mean cross-entropy over uint8 ``images`` in eval mode; with ``aug``, its crop/flip (seeded by ``seed``)."""
-    model.eval().to(device)
+    """Mean cross-entropy over uint8 ``images`` in eval mode; with ``aug``, its crop/flip (seeded by ``seed``).
+    Channels-last, as everywhere (``ood_lib.train.fast_paths``)."""
+    model.eval().to(device).to(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
     for first in range(0, len(labels), batch_size):
         x = images[first:first + batch_size].to(device).float().div_(255)
         if aug is not None:
             x = augment(x, gen, aug.crop_padding, aug.flip)
+        x = x.contiguous(memory_format=torch.channels_last)
         total += F.cross_entropy(model(x), labels[first:first + batch_size].to(device), reduction="sum").item()
     return total / len(labels)
 
