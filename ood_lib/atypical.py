@@ -25,13 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from ood_lib import base, masking
-from ood_lib.config import Profile
+from ood_lib.config import Profile, UMConfig
 from ood_lib.models import weights_digest
 from ood_lib.paths import cache_dir
 from ood_lib.train import load_epoch, train
 
 ARMS = {"no_atypical": "without the top-k atypical", "no_atypical_per_class": "without the top-k atypical, per class",
         "no_random": "without k random"}  # model names in metrics.csv
+
+
+def arms(u: UMConfig) -> list[str]:
+    """The removal arms a profile retrains: per class and random (the headline) and, with ``um.global_arm``, the
+    global top-k (a diagnostic)."""
+    return [a for a in ARMS if a != "no_atypical" or u.global_arm]
 
 
 @torch.no_grad()

@@ -100,6 +100,8 @@ class UMConfig:
     curve_keep: tuple[float, ...] = (1.0, 0.995, 0.99, 0.98, 0.965, 0.95, 0.9, 0.85, 0.8, 0.7)  # loss vs mask ratio
     curve_images: int | None = 2000   # training images the loss-vs-mask-ratio curve averages over; None = all
     atypical_remove: int = 1000       # k: the top-k atypical (or k random) training images left out (paper: 1000)
+    global_arm: bool = True           # notebook 02 also retrains without the global top-k (a diagnostic: the headline
+                                      # is per class vs random; the global top-k's class composition is shown anyway)
     gallery_size: int = 5             # images per class shown as most / least atypical
     gamma: float | None = None        # flood level; None = the median over mask_seeds of the masked final model's loss
     gamma_sweep: tuple[float, ...] = ()  # extra UM runs at these fixed flood levels: how much gamma matters

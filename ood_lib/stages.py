@@ -19,7 +19,7 @@ Stages of a profile (``stages(profile)``), in an order that respects both kinds 
   notebook 01  ``base``                 train the base recipe, every detector after every epoch (+ the selection
                                         detector's final scores for 03's histograms)
   notebook 02  ``atypical``             per-image mask sensitivity and learning dynamics, the loss-vs-mask curve
-               ``no_atypical``, ``no_atypical_per_class``, ``no_random``
+               ``no_atypical_per_class``, ``no_random``, ``no_atypical`` (with ``um.global_arm``)
                                         the base recipe without k images chosen from THIS seed's atypicality
   notebook 03  ``gamma``                the loss constraint over random masks
                ``um``, ``umap``, ``ft_ce``, ``um_gamma<g>``   the fine-tunes from the final base model
@@ -276,7 +276,7 @@ def stages(profile: Profile) -> dict[str, Stage]:
         out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest))
     if "02" in nbs:
         out.append(Stage("atypical", "02", _atypical, models=("base",)))
-        out += [_arm(arm) for arm in atypical.ARMS]
+        out += [_arm(arm) for arm in atypical.arms(profile.um)]
     fine_tunes = []
     if "03" in nbs:
         out.append(Stage("gamma", "03", _gamma, models=("base",)))

@@ -55,8 +55,8 @@ class CheckpointDamaged(RuntimeError):
 # Device types on which training and extraction autocast to bf16 (TrainConfig.bf16). Elsewhere (the CPU) they run
 # in exact float32, deterministically. Channels-last tensors (TrainConfig.channels_last) are used on every device:
 # on the CPU they change only the order of float32 sums (runs stay deterministic), and oneDNN runs the default
-# profile's small convolutions 1.3-1.7x faster in training and about 3.5x faster in extraction, measured side by
-# side on 2 cores (benchmarks/speed.py --layouts). Tests add "cpu" here to exercise the bf16 path without a GPU.
+# profile's small convolutions about 1.4x faster in training and 1.6x in extraction (DenseNet-BC: 1.5x), measured
+# side by side on 2 cores (benchmarks/speed.py --layouts). Tests add "cpu" here to exercise bf16 without a GPU.
 BF16_DEVICES = ("cuda",)
 
 
