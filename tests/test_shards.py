@@ -151,6 +151,12 @@ def test_every_notebook_reads_its_stages():
         assert all(order.index(d) < order.index(name) for d in s.inputs + s.models), name
     pre = load_profile("cifar10-pretrained")
     assert set(stages.stages(pre)) == {f"posthoc_{m}" for m in pre.line.pretrained}
+    # the two diagnostics are switches: without them 02 retrains the headline arms only and 03 runs no fixed gamma
+    lean = load_profile("smoke", {"um.global_arm": False, "um.gamma_sweep": []})
+    assert set(stages.of_notebook(lean, "02")) == {"atypical", "no_atypical_per_class", "no_random"}
+    assert set(stages.of_notebook(lean, "03")) == {"gamma", "um", "um_b", "umap", "ft_ce"}
+    d = load_profile("default")
+    assert not d.um.global_arm and not d.um.gamma_sweep  # default's budget (its header says so)
 
 
 def test_runner_rejects_bad_shard_arguments(capsys):
