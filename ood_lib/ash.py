@@ -25,7 +25,8 @@ ASH-S 95. Where each value comes from:
     (``config/cifar100_config.yml``: DenseNet-100 on CIFAR-100; ``config/cifar10_config.yml``: a ResNet-34 on
     CIFAR-10 against SVHN only), so 90 is the repository's CIFAR-100 value and 95 the paper's CIFAR-10 one;
   * ImageNet, for reference (paper Table 1, ResNet-50): ASH-P@60, ASH-B@65, ASH-S@90.
-Sweep p with ``ash_score_table``. docs/methods.md §3 has the settings of every activation-shaping baseline.
+Sweep p with ``energy_table`` (one forward pass for many pairs; cached by ``features.ash_score_table``).
+docs/methods.md §3 has the settings of every activation-shaping baseline.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import numpy as np
 import torch
 
 from ood_lib.detectors import energy
-from ood_lib.features import FeatureCache, Preprocess, input_key
 
 PAPER = ("Djurisic, Bozanic, Ashok & Liu, 'Extremely Simple Activation Shaping for Out-of-Distribution "
          "Detection', ICLR 2023 (arXiv 2209.09858)")
@@ -78,9 +78,15 @@ def ash_prune(maps: torch.Tensor, variant: str, percentile: float) -> torch.Tens
     return torch.zeros_like(flat).scatter_(1, index, values).reshape(maps.shape)
 
 
-def _check_site(site: str) -> None:
+def check(configs: list[tuple[str, float]], site: str) -> None:
+    """ValueError unless every (variant, percentile) pair and the site are valid."""
     if site not in (SITE_POOLED, SITE_MAP):
         raise ValueError(f"unknown ASH site {site!r}; {SITE_POOLED!r} or {SITE_MAP!r}")
+    for variant, p in configs:
+        if variant not in ASH_VARIANTS:
+            raise ValueError(f"unknown ASH variant {variant!r}; one of {ASH_VARIANTS}")
+        if not 0 <= p < 100:
+            raise ValueError(f"percentile must be in [0, 100), got {p}")
 
 
 def ash_from_features(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, variant: str,
@@ -96,9 +102,13 @@ def ash_from_features(features: np.ndarray, weight: np.ndarray, bias: np.ndarray
 
 
 @torch.no_grad()
-def _table(model: torch.nn.Module, images: torch.Tensor, device: torch.device, configs: list[tuple[str, float]],
-           site: str, batch_size: int) -> dict[tuple[str, float], np.ndarray]:
-    """One forward pass over uint8 images; for each batch, every config shapes the same maps."""
+def energy_table(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                 configs: list[tuple[str, float]], site: str = ASH_SITE,
+                 batch_size: int = 1000) -> dict[tuple[str, float], np.ndarray]:
+    """ASH energy scores of uint8 images (N, C, H, W) for several (variant, percentile) pairs from ONE forward
+    pass: each batch's feature maps are shaped by every pair. Returns {(variant, percentile): scores (N,)}.
+    ``features.ash_score_table`` caches it."""
+    check(configs, site)
     model.eval().to(device)
     logits: dict[tuple[str, float], list[torch.Tensor]] = {cfg: [] for cfg in configs}
     for start in range(0, images.shape[0], batch_size):
@@ -110,46 +120,3 @@ def _table(model: torch.nn.Module, images: torch.Tensor, device: torch.device, c
             pooled = ash_prune(maps, variant, p).mean((2, 3))
             logits[(variant, p)].append(model.fc(pooled).float().cpu())
     return {cfg: energy(torch.cat(z).numpy()) for cfg, z in logits.items()}
-
-
-def _parts(model, digest, checksum, pre: Preprocess, variant: str, percentile: float, site: str) -> dict:
-    return {"what": "ash", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-            "variant": variant, "percentile": float(percentile), "site": site}
-
-
-def ash_score_table(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
-                    pre: Preprocess, device: torch.device, configs: list[tuple[str, float]],
-                    site: str = ASH_SITE, batch_size: int = 1000) -> dict[tuple[str, float], np.ndarray]:
-    """Cached ASH energy scores for several (variant, percentile) pairs; the uncached ones share ONE forward pass.
-
-    ``images`` are uint8 (N, C, H, W), already preprocessed with ``pre``; ``checksum`` is the source data's. Each
-    config is its own cache entry (keyed like ``features.odin_scores`` plus variant, percentile and site), so a
-    later sweep only computes the pairs it has not seen. Returns {(variant, percentile): scores (N,) float64},
-    keyed by the pairs as given."""
-    _check_site(site)
-    configs = list(dict.fromkeys((v, p) for v, p in configs))
-    for variant, p in configs:
-        if variant not in ASH_VARIANTS:
-            raise ValueError(f"unknown ASH variant {variant!r}; one of {ASH_VARIANTS}")
-        if not 0 <= p < 100:
-            raise ValueError(f"percentile must be in [0, 100), got {p}")
-    parts = {cfg: _parts(model, digest, checksum, pre, *cfg, site) for cfg in configs}
-    missing = [cfg for cfg in configs if not cache.path(parts[cfg]).exists()]
-    fresh = _table(model, images, device, missing, site, batch_size) if missing else {}
-
-    def compute(cfg):
-        if cfg not in fresh:  # an entry that existed but could not be read
-            fresh.update(_table(model, images, device, [cfg], site, batch_size))
-        return {"scores": fresh[cfg]}
-
-    return {cfg: cache.get(parts[cfg], lambda cfg=cfg: compute(cfg))["scores"] for cfg in configs}
-
-
-def ash_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
-               pre: Preprocess, device: torch.device, variant: str, percentile: float | None = None,
-               batch_size: int = 1000, site: str = ASH_SITE) -> np.ndarray:
-    """Cached ASH energy scores (N,) of one variant and percentile (see ``ash_score_table``); ``percentile``
-    None: the variant's ``ASH_PERCENTILE``."""
-    percentile = percentile_of(variant, percentile)
-    return ash_score_table(cache, model, digest, images, checksum, pre, device, [(variant, percentile)], site,
-                           batch_size)[(variant, percentile)]

@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 
 from ood_lib import metrics
-from ood_lib.ash import ASH_PERCENTILE, SITE_MAP, ash_from_features, ash_score_table
+from ood_lib.ash import ASH_PERCENTILE, SITE_MAP, ash_from_features
 from ood_lib.base import StudyData, data_pre, train_outputs
 from ood_lib.config import Profile
-from ood_lib.features import FeatureCache, outputs
+from ood_lib.features import FeatureCache, ash_score_table, outputs
 from ood_lib.line import fit_line, line, tau_from_percentile
 from ood_lib.models import weights_digest
 from ood_lib.posthoc import POSTHOC, Head, TrainSet

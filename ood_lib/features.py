@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ood_lib import detectors, progress
+from ood_lib import ash, detectors, progress
 from ood_lib.atomic import atomic_write
 from ood_lib.results import note_work
 from ood_lib.train import fast_paths
@@ -191,3 +191,38 @@ def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images
         return {"scores": np.concatenate(scores)}
 
     return cache.get(parts, compute)["scores"]
+
+
+def ash_score_table(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
+                    pre: Preprocess, device: torch.device, configs: list[tuple[str, float]],
+                    site: str = ash.ASH_SITE, batch_size: int = 1000) -> dict[tuple[str, float], np.ndarray]:
+    """Cached ``ash.energy_table``: ASH energy scores for several (variant, percentile) pairs; the uncached ones
+    share ONE forward pass.
+
+    ``images`` are uint8 (N, C, H, W), already preprocessed with ``pre``; ``checksum`` is the source data's. Each
+    pair is its own cache entry (keyed like ``odin_scores`` plus variant, percentile and site), so a later sweep
+    only computes the pairs it has not seen. Returns {(variant, percentile): scores (N,) float64}, keyed by the
+    pairs as given."""
+    configs = list(dict.fromkeys((v, p) for v, p in configs))
+    ash.check(configs, site)
+    parts = {(v, p): {"what": "ash", "weights": digest, "norm": input_key(model), "data": checksum,
+                      "pre": pre.key(), "variant": v, "percentile": float(p), "site": site} for v, p in configs}
+    missing = [cfg for cfg in configs if not cache.path(parts[cfg]).exists()]
+    fresh = ash.energy_table(model, images, device, missing, site, batch_size) if missing else {}
+
+    def compute(cfg):
+        if cfg not in fresh:  # an entry that existed but could not be read
+            fresh.update(ash.energy_table(model, images, device, [cfg], site, batch_size))
+        return {"scores": fresh[cfg]}
+
+    return {cfg: cache.get(parts[cfg], lambda cfg=cfg: compute(cfg))["scores"] for cfg in configs}
+
+
+def ash_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
+               pre: Preprocess, device: torch.device, variant: str, percentile: float | None = None,
+               batch_size: int = 1000, site: str = ash.ASH_SITE) -> np.ndarray:
+    """Cached ASH energy scores (N,) of one variant and percentile (see ``ash_score_table``); ``percentile``
+    None: the variant's ``ash.ASH_PERCENTILE``."""
+    percentile = ash.percentile_of(variant, percentile)
+    return ash_score_table(cache, model, digest, images, checksum, pre, device, [(variant, percentile)], site,
+                           batch_size)[(variant, percentile)]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ood_lib.epochs import best_epoch_of_mean, mean_over_ood
+from ood_lib.epochs import mean_over_ood
 from ood_lib.paths import figures_dir
 
 COLUMN_WIDTH = 3.4   # inches: one column of a two-column paper
@@ -58,16 +58,15 @@ def training_curves(history: pd.DataFrame, rows: pd.DataFrame):
     return fig
 
 
-def epoch_curves(rows: pd.DataFrame, detector: str, metric: str = "fpr95"):
-    """One panel per OOD set and one for their mean: test ``metric`` per epoch, with the seed-mean's best
-    epoch (oracle) and the final epoch marked."""
+def epoch_curves(rows: pd.DataFrame, detector: str, metric: str, best: int):
+    """One panel per OOD set and one for their mean: test ``metric`` per epoch, with the epoch ``best`` (e.g. the
+    seed-mean's oracle, ``epochs.best_epoch_of_mean``) and the final epoch marked."""
     test = rows[(rows["split"] == "test") & (rows["detector"] == detector) & (rows["metric"] == metric)]
     sets = sorted(test["ood_set"].unique())
     m = mean_over_ood(rows)
     mean = m[(m["split"] == "test") & (m["detector"] == detector) & (m["metric"] == metric)]
     panels = [(s, test[test["ood_set"] == s]) for s in sets] + [("mean over OOD sets", mean)]
     fig, axes = plt.subplots(1, len(panels), figsize=(COLUMN_WIDTH * 0.75 * len(panels), 2.2), sharey=False)
-    best = best_epoch_of_mean(rows, detector, metric)
     final = int(test["epoch"].max())
     for i, (ax, (title, d)) in enumerate(zip(axes, panels)):
         _band(ax, d.pivot_table(index="epoch", columns="seed", values="value"), detector, PALETTE[i % len(PALETTE)])

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ood_lib.ash import (ASH_PERCENTILE, ASH_SITE, ASH_VARIANTS, SITE_MAP, SITE_POOLED, ash_from_features, ash_prune,
-                         ash_score_table, ash_scores, kept_count, percentile_of)
+                         kept_count, percentile_of)
 from ood_lib.detectors import energy
-from ood_lib.features import FeatureCache, Preprocess
+from ood_lib.features import FeatureCache, Preprocess, ash_score_table, ash_scores
 from ood_lib.models import resnet_small, weights_digest
 
 CPU = torch.device("cpu")
