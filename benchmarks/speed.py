@@ -1,14 +1,12 @@
 """Speed of the training loop and of feature extraction: prints images per second and seconds per epoch.
 
-    python benchmarks/speed.py [--quick] [--layouts]
+    python benchmarks/speed.py [--quick]
 
 On the CPU: the default profile's model (Fashion-MNIST shape). On CUDA, in addition: ResNet-18 and
 DenseNet-BC-100 on CIFAR-10 shapes at batch 256 with the per-epoch evaluation of notebook 01 (logits of
 10,000 ID + 2 x 5,000 OOD images, ODIN on the same), so the figure is comparable with the issue's goals.
 Inputs are random uint8 images of the right shape (speed does not depend on pixel values); the code timed
-is the library's own ``train`` and ``extract``. ``--layouts`` times the default model (and DenseNet-BC-100's
-extraction) in the contiguous and the channels-last memory format side by side, twice in alternation, and prints
-the ratios: the measurement behind ``ood_lib.train.fast_paths`` using channels-last on the CPU too.
+is the library's own ``train`` and ``extract``.
 """
 from __future__ import annotations
 
@@ -34,13 +32,13 @@ def timed_training(model, n, shape, classes, cfg, device, repeats=1):
     return hist[-1]["train_seconds"], hist[-1]["images_per_second"]  # last epoch: warm
 
 
-def timed_eval(model, n, shape, device, batch_size, with_odin=True, amp=False, channels_last=True):
+def timed_eval(model, n, shape, device, batch_size, with_odin=True, amp=False):
     x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
-    extract(model, x[:batch_size], device, batch_size, amp=amp, channels_last=channels_last)  # warm-up
+    extract(model, x[:batch_size], device, batch_size, amp=amp)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    extract(model, x, device, batch_size, amp=amp, channels_last=channels_last)
+    extract(model, x, device, batch_size, amp=amp)
     t_extract = time.perf_counter() - t0
     t_odin = float("nan")
     if with_odin:
@@ -50,36 +48,10 @@ def timed_eval(model, n, shape, device, batch_size, with_odin=True, amp=False, c
     return t_extract, t_odin
 
 
-def default_model(p):
-    torch.manual_seed(0)
-    return resnet_small(num_classes=10, in_channels=1, **{k: tuple(v) if isinstance(v, list) else v
-                                                          for k, v in p.model.options.items()})
-
-
-def compare_layouts(p, n, device):
-    """The default model's training and extraction, and DenseNet-BC-100's extraction, in both memory formats,
-    alternating (contiguous, channels-last, contiguous, channels-last) so that drifts of a shared machine hit both."""
-    rows = {False: [], True: []}
-    for cl in (False, True, False, True):
-        cfg = TrainConfig(**{**p.train.__dict__, "epochs": 2, "channels_last": cl})
-        _, ips = timed_training(default_model(p), n, (1, 28, 28), 10, cfg, device)
-        t_ex, _ = timed_eval(default_model(p), n, (1, 28, 28), device, p.eval.batch_size, with_odin=False,
-                             channels_last=cl)
-        t_dn, _ = timed_eval(densenet_bc(num_classes=10), n // 10, (3, 32, 32), device, 200, with_odin=False,
-                             channels_last=cl)
-        rows[cl].append((ips, n / t_ex, n // 10 / t_dn))
-        print(f"{'channels-last' if cl else 'contiguous':13s}  default training {ips:6.0f} img/s, extraction "
-              f"{n / t_ex:6.0f} img/s; DenseNet-BC-100 extraction {n // 10 / t_dn:5.1f} img/s")
-    for i, what in enumerate(("default training", "default extraction", "DenseNet-BC-100 extraction")):
-        ratios = [c[i] / a[i] for a, c in zip(rows[False], rows[True])]
-        print(f"channels-last / contiguous, {what}: " + ", ".join(f"{r:.2f}x" for r in ratios))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer images (a smoke run of the benchmark itself)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--layouts", action="store_true", help="contiguous vs channels-last, side by side")
     args = ap.parse_args()
     device = resolve_device(args.device)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
@@ -87,9 +59,9 @@ def main():
 
     p = load_profile("default")
     n = 1000 if args.quick else 5000
-    if args.layouts:
-        return compare_layouts(p, n, device)
-    model = default_model(p)
+    torch.manual_seed(0)
+    model = resnet_small(num_classes=10, in_channels=1, **{k: tuple(v) if isinstance(v, list) else v
+                                                          for k, v in p.model.options.items()})
     cfg = TrainConfig(**{**p.train.__dict__, "epochs": 2})
     sec, ips = timed_training(model, n, (1, 28, 28), 10, cfg, device)
     t_ex, t_odin = timed_eval(model, n, (1, 28, 28), device, p.eval.batch_size)

@@ -9,9 +9,10 @@ them, and the experiment of the claim.
 * Learning dynamics, from the per-epoch checkpoints of notebook 01: the epoch from which an image stays correctly
   classified to the end (``epochs + 1``: not learned), and its forgetting events (correct at one epoch, wrong at
   the next; Toneva et al., ICLR 2019).
-* The experiment: train the base recipe on the training set without its top-k atypical images, without the top-k
-  atypical within each class (each class loses its share of k), and without k random images, with the logit
-  detectors scored on the test sets after every epoch. Each base seed picks its own images (``removed_images``).
+* The experiment: train the base recipe on the training set without the top-k atypical within each class (each
+  class loses its share of k), without k random images and, with ``um.global_arm``, without the global top-k; the
+  logit detectors are scored on the test sets after every epoch. Each base seed picks its own images
+  (``removed_images``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from ood_lib import base, masking
 from ood_lib.config import Profile, UMConfig
+from ood_lib.features import as_channels_last, channels_last
 from ood_lib.models import weights_digest
 from ood_lib.paths import cache_dir
 from ood_lib.train import load_epoch, train
@@ -42,10 +44,10 @@ def arms(u: UMConfig) -> list[str]:
 
 @torch.no_grad()
 def _log_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    model.eval().to(device).to(memory_format=torch.channels_last)
-    out = [F.log_softmax(model(images[i:i + batch_size].to(device).float().div_(255)
-                               .contiguous(memory_format=torch.channels_last)).double(), 1).cpu()
-           for i in range(0, len(images), batch_size)]
+    model.eval().to(device)
+    with channels_last(model):
+        out = [F.log_softmax(model(as_channels_last(images[i:i + batch_size].to(device).float().div_(255))).double(),
+                             1).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 

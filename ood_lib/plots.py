@@ -58,9 +58,10 @@ def training_curves(history: pd.DataFrame, rows: pd.DataFrame):
     return fig
 
 
-def epoch_curves(rows: pd.DataFrame, detector: str, metric: str, best: int):
-    """One panel per OOD set and one for their mean: test ``metric`` per epoch, with the epoch ``best`` (e.g. the
-    seed-mean's oracle, ``epochs.best_epoch_of_mean``) and the final epoch marked."""
+def epoch_curves(rows: pd.DataFrame, detector: str, metric: str, best: int, best_label: str = "best (oracle)"):
+    """One panel per OOD set and one for their mean: test ``metric`` per epoch, with the epoch ``best`` (labelled
+    ``best_label``; notebook 01 passes the seed-mean's oracle, ``epochs.best_epoch_of_mean``) and the final epoch
+    marked."""
     test = rows[(rows["split"] == "test") & (rows["detector"] == detector) & (rows["metric"] == metric)]
     sets = sorted(test["ood_set"].unique())
     m = mean_over_ood(rows)
@@ -70,7 +71,7 @@ def epoch_curves(rows: pd.DataFrame, detector: str, metric: str, best: int):
     final = int(test["epoch"].max())
     for i, (ax, (title, d)) in enumerate(zip(axes, panels)):
         _band(ax, d.pivot_table(index="epoch", columns="seed", values="value"), detector, PALETTE[i % len(PALETTE)])
-        ax.axvline(best, color="0.3", ls="--", lw=0.9, label=f"best (oracle) {best}")
+        ax.axvline(best, color="0.3", ls="--", lw=0.9, label=f"{best_label} {best}")
         ax.axvline(final, color="0.6", ls=":", lw=0.9, label=f"final {final}")
         ax.set(xlabel="epoch", title=title)
     axes[0].set_ylabel(METRIC_LABELS.get(metric, metric))

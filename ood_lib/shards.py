@@ -42,6 +42,9 @@ from ood_lib.results import device_name, git_commit
 
 FORMAT = 1
 DIGEST_SECTIONS = ("data", "model", "train", "eval", "line", "um", "pretrained")
+# Settings that only add stages (diagnostics), never change what a stage computes: left out of the digest, so that
+# switching one on reuses every table already computed.
+STAGE_SWITCHES = {"um": ("global_arm", "gamma_sweep")}
 MANIFEST = "manifest.json"
 
 
@@ -50,7 +53,11 @@ class ShardError(RuntimeError):
 
 
 def profile_digest(profile: Profile) -> str:
-    return profile.digest(*DIGEST_SECTIONS)
+    """Short SHA-256 of what the stages' tables depend on: ``DIGEST_SECTIONS`` less ``STAGE_SWITCHES``."""
+    d = profile.to_dict()
+    kept = {s: {k: v for k, v in d[s].items() if k not in STAGE_SWITCHES.get(s, ())} if isinstance(d[s], dict)
+            else d[s] for s in DIGEST_SECTIONS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)

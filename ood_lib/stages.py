@@ -22,7 +22,8 @@ Stages of a profile (``stages(profile)``), in an order that respects both kinds 
                ``no_atypical_per_class``, ``no_random``, ``no_atypical`` (with ``um.global_arm``)
                                         the base recipe without k images chosen from THIS seed's atypicality
   notebook 03  ``gamma``                the loss constraint over random masks
-               ``um``, ``umap``, ``ft_ce``, ``um_gamma<g>``   the fine-tunes from the final base model
+               ``um``, ``um_b``, ``umap``, ``ft_ce``, ``um_gamma<g>`` (with ``um.gamma_sweep``)
+                                        the fine-tunes from the final base model
   notebook 04  ``posthoc_<model>``      every post-hoc detector, LINe's ablation and sensitivity on one model
                                         (``base``, ``um``, ``umap``, or a pretrained checkpoint)
   notebook 06  ``paper_start``          every detector on the authors' final checkpoint (``um.paper_checkpoint``)

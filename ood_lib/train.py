@@ -1,8 +1,8 @@
 """Training: SGD with momentum and a per-epoch cosine schedule (the Unleashing Mask recipe, research notes §1).
 
 The whole training set sits on the device as uint8; each batch is gathered, converted and augmented there
-(random crop with zero padding, horizontal flip), so no data loader is involved. Tensors are channels-last; on
-CUDA the forward pass runs in bf16 autocast. After every epoch the weights are written to
+(random crop with zero padding, horizontal flip), so no data loader is involved. On CUDA the forward pass runs
+in bf16 autocast with channels-last tensors. After every epoch the weights are written to
 ``run_dir/epoch_NNN.pt`` and the resume state to ``run_dir/state.pt``, both atomically. Everything random in
 epoch e (batch order, crops, flips, dropout) is drawn from a generator seeded by (seed, e), so a run resumed
 after an interruption gives exactly the weights of an uninterrupted one.
@@ -52,18 +52,16 @@ class CheckpointDamaged(RuntimeError):
     """A checkpoint whose content does not match its recorded SHA-256, or that cannot be read at all."""
 
 
-# Device types on which training and extraction autocast to bf16 (TrainConfig.bf16). Elsewhere (the CPU) they run
-# in exact float32, deterministically. Channels-last tensors (TrainConfig.channels_last) are used on every device.
-# On the CPU they stay float32: with PyTorch 2.14's oneDNN the default profile's weights came out bit-identical to
-# the contiguous layout's at every epoch, and training ran 1.3-1.4x, extraction 1.5-1.9x (DenseNet-BC-100: 1.3x)
-# faster, measured side by side on 2 cores (benchmarks/speed.py --layouts). Tests add "cpu" here to exercise bf16.
-BF16_DEVICES = ("cuda",)
+# Device types on which training and extraction take the fast paths of TrainConfig: bf16 autocast and channels-last
+# tensors. Elsewhere (the CPU) they run in exact float32, deterministically. Tests add "cpu" here to exercise the
+# GPU-only code paths on a machine without one (tests/test_train.py).
+FAST_PATH_DEVICES = ("cuda",)
 
 
 def fast_paths(device: torch.device, bf16: bool, channels_last: bool) -> tuple[bool, bool]:
-    """(bf16 autocast, channels-last) as used on ``device``: bf16 where asked for on a device of BF16_DEVICES,
-    channels-last wherever asked for."""
-    return device.type in BF16_DEVICES and bf16, channels_last
+    """(bf16 autocast, channels-last) as used on ``device``: what is asked for, on a device of FAST_PATH_DEVICES."""
+    on = device.type in FAST_PATH_DEVICES
+    return on and bf16, on and channels_last
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -249,7 +247,9 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
             seconds = time.perf_counter() - t0
             entry = {"epoch": epoch, "lr": lr, "train_loss": mean_loss, "train_acc": correct.item() / seen,
                      "train_seconds": seconds, "images_per_second": seen / seconds}
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # contiguous copies: the file's bytes do not depend on the layout the model trained in
+            weights = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                       for k, v in model.state_dict().items()}
             save_checkpoint(weights, run_dir / f"epoch_{epoch:03d}.pt")
             note_work("computed")
             if on_epoch_end is not None:

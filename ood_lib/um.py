@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ood_lib import base, masking
 from ood_lib.atomic import atomic_write
 from ood_lib.config import Profile, TrainConfig
+from ood_lib.features import as_channels_last, channels_last
 from ood_lib.models import load_pretrained, weights_digest
 from ood_lib.paths import cache_dir
 from ood_lib.train import augment, load_epoch, train
@@ -52,17 +53,18 @@ def flood(loss: torch.Tensor, gamma: float) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
               batch_size: int, aug: TrainConfig | None = None, seed: int = 0) -> float:
-    """Mean cross-entropy over uint8 ``images`` in eval mode; with ``aug``, its crop/flip (seeded by ``seed``).
-    Channels-last, as everywhere (``ood_lib.train.fast_paths``)."""
-    model.eval().to(device).to(memory_format=torch.channels_last)
+    """Mean cross-entropy over uint8 ``images`` in eval mode (channels-last, ``features.channels_last``); with
+    ``aug``, its crop/flip (seeded by ``seed``)."""
+    model.eval().to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
-    for first in range(0, len(labels), batch_size):
-        x = images[first:first + batch_size].to(device).float().div_(255)
-        if aug is not None:
-            x = augment(x, gen, aug.crop_padding, aug.flip)
-        x = x.contiguous(memory_format=torch.channels_last)
-        total += F.cross_entropy(model(x), labels[first:first + batch_size].to(device), reduction="sum").item()
+    with channels_last(model):
+        for first in range(0, len(labels), batch_size):
+            x = images[first:first + batch_size].to(device).float().div_(255)
+            if aug is not None:
+                x = augment(x, gen, aug.crop_padding, aug.flip)
+            total += F.cross_entropy(model(as_channels_last(x)), labels[first:first + batch_size].to(device),
+                                     reduction="sum").item()
     return total / len(labels)
 
 

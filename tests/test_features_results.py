@@ -105,3 +105,25 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     with atomic_write(target, "w") as f:
         f.write("new")
     assert target.read_text() == "new"
+
+
+def test_evaluation_runs_channels_last_and_gives_the_model_back_in_its_layout():
+    """extract() runs the convolutions on channels-last tensors and returns the plain forward pass's values (to
+    float32 rounding); the model leaves in the layout it came in, so a training loop keeps its own."""
+    torch.manual_seed(0)
+    model = resnet_small(num_classes=3, in_channels=1, width=4, blocks=(1, 1)).eval()
+    x = torch.randint(0, 256, (20, 1, 12, 12), dtype=torch.uint8)
+    conv = model.layers[1][0].conv2  # 8 -> 8 channels, 3x3: its two layouts differ
+    seen = []
+    hook = conv.register_forward_hook(lambda m, inp, out: seen.append(
+        inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous()))
+    out = extract(model, x, torch.device("cpu"), batch_size=8)
+    hook.remove()
+    assert seen and all(seen)
+    assert conv.weight.is_contiguous()  # contiguous again
+    with torch.no_grad():
+        plain = model(x.float() / 255).numpy()
+    assert np.allclose(out["logits"], plain, rtol=1e-5, atol=1e-6)
+    model.to(memory_format=torch.channels_last)
+    extract(model, x, torch.device("cpu"), batch_size=8)
+    assert not conv.weight.is_contiguous()  # a channels-last model stays channels-last

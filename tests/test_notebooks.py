@@ -182,6 +182,33 @@ def test_notebook_05_assembles_every_claim(smoke_run):
     assert shown.count("**Verdict") == 4 and "has not run on profile" in shown  # 00 did not run on smoke
 
 
+def test_notebooks_02_03_05_without_the_diagnostics_reuse_every_table(smoke_run, tmp_path, monkeypatch):
+    """`default`'s setting: no global top-k arm, no fixed-gamma sweep. The switches only add stages, so on a copy of
+    the smoke results nothing is recomputed (no new shard folder, no stage table written), and the notebooks say
+    what did not run."""
+    import shutil
+
+    out, _ = smoke_run
+    shutil.copytree(out, tmp_path / "copy")
+    monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path / "copy/results"))
+    monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / "copy/figures"))
+    shard_root = tmp_path / "copy/results/smoke/shards"
+    before = {f: f.stat().st_mtime_ns for f in shard_root.rglob("*") if f.is_file()}
+    reproduce.run("smoke", ["02", "03", "05"], {"um.global_arm": False, "um.gamma_sweep": []})
+    assert {f: f.stat().st_mtime_ns for f in shard_root.rglob("*") if f.is_file()} == before
+
+    def shown(nb):
+        executed = json.loads((tmp_path / f"copy/results/smoke/notebooks/{nb}.ipynb").read_text())
+        return json.dumps([o for c in executed["cells"] if c["cell_type"] == "code" for o in c["outputs"]])
+
+    assert "was not retrained on this profile" in shown("02_atypical_samples")
+    assert "um.gamma_sweep is empty" in shown("03_unleashing_mask")
+    assert shown("05_report").count("**Verdict") == 4 and "(global)" not in shown("05_report")
+    m = pd.read_csv(tmp_path / "copy/results/smoke/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
+    assert set(m[m.notebook == "02"].model) == {"no_atypical_per_class", "no_random"}
+    assert not m[m.notebook == "03"].model.str.startswith("um_gamma").any()
+
+
 def test_rerun_reuses_checkpoints_and_cache(smoke_run):
     out, _ = smoke_run
     from ood_lib import base

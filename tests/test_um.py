@@ -604,21 +604,12 @@ def test_loss_curve_averages_over_the_stratified_subset_of_a_class_ordered_sourc
     first = um.masked_loss(model, x[:8], y[:8], 0.8, p.um.mask_seeds[0], CPU, p.eval.batch_size, p.train)
     assert curve.loc[(curve.keep == 0.8) & (curve.mask_seed == p.um.mask_seeds[0]), "loss"].item() != first
 
-    # Without augmentation each point is the cross-entropy of the subset under the documented mask, built here by
-    # hand: per conv/linear layer in module order, scores U(-1, 1) / sqrt(fan_in) from one generator seeded by the
-    # mask seed, and the 20% of weights with the smallest |score| zeroed.
+    # Without augmentation each point is the cross-entropy of the subset under the documented mask, built by hand
     plain = load_profile("smoke", {"um.curve_keep": [1.0, 0.8], "train.crop_padding": 0, "train.flip": False})
     curve = um.loss_curve(plain, data, model, CPU, images=8)
     for row in curve.itertuples():
-        masked = copy.deepcopy(model)
-        gen = torch.Generator().manual_seed(row.mask_seed)
         with torch.no_grad():
-            for layer in (m for m in masked.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))):
-                w = layer.weight
-                score = ((torch.rand(w.shape, generator=gen) * 2 - 1) / w[0].numel() ** 0.5).abs().flatten()
-                dropped = score.argsort()[:w.numel() - masking.kept_count(w.numel(), row.keep)]
-                w.view(-1)[dropped] = 0
-            direct = torch.nn.functional.cross_entropy(masked(xs.float() / 255), ys).item()
+            direct = F.cross_entropy(_zeroed_here(model, row.keep, row.mask_seed)(xs.float() / 255), ys).item()
         assert row.loss == pytest.approx(direct, rel=1e-5)
     assert curve.loss.nunique() == len(curve) - len(p.um.mask_seeds) + 1  # the masks matter; keep 1.0 does not
 
