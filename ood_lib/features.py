@@ -131,9 +131,8 @@ def read_entry(path: Path) -> dict[str, np.ndarray]:
 @contextlib.contextmanager
 def channels_last(model: torch.nn.Module):
     """``model`` in channels-last memory format for the duration of an evaluation pass, then back in the layout it
-    had (training keeps its own, ``TrainConfig.channels_last``). Float32 either way: the values agree to rounding,
-    and with PyTorch 2.14 on this project's CPUs they came out identical on the default model; the study's
-    per-epoch scoring ran about 10% faster in it (42 s against 47 s per 30-epoch removal run)."""
+    had (training has its own switch, ``TrainConfig.channels_last``). Float32 either way, the same values to rounding;
+    on 2 CPU cores the study's per-epoch scoring ran about 10% faster in it (42 s against 47 s per 30-epoch run)."""
     # a conv weight whose two layouts differ (more than one input channel and a spatial kernel) tells which one it has
     convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
     was = bool(convs) and not convs[0].is_contiguous()

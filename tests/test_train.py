@@ -1,4 +1,5 @@
 """Training: augmentation, schedule, determinism, exact resume after an interruption, the NaN guard."""
+import dataclasses
 import hashlib
 import io
 import math
@@ -126,28 +127,50 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
-# --- the GPU-only paths (bf16 autocast, channels-last), exercised on the CPU ---------------------------------------
+# --- the fast paths: channels-last everywhere, bf16 autocast on CUDA (exercised here on the CPU) -------------------
 
-def test_fast_paths_are_off_on_the_cpu_and_on_where_listed(monkeypatch):
+def test_bf16_is_off_on_the_cpu_and_channels_last_is_on_where_asked(monkeypatch):
     from ood_lib import train as train_mod
 
     cpu = torch.device("cpu")
-    assert train_mod.fast_paths(cpu, True, True) == (False, False)  # CPU runs stay exact float32
+    assert train_mod.fast_paths(cpu, True, True) == (False, True)  # CPU runs stay float32
+    assert train_mod.fast_paths(cpu, True, False) == (False, False)
     assert train_mod.fast_paths(torch.device("cuda"), True, False) == (True, False)
-    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(train_mod, "BF16_DEVICES", ("cuda", "cpu"))
     assert train_mod.fast_paths(cpu, True, True) == (True, True)
 
 
+def test_cpu_training_is_channels_last_deterministic_and_matches_contiguous_to_rounding(tmp_path):
+    """On the CPU the convolutions see channels-last float32 tensors; two runs give identical weights, a run in the
+    contiguous layout the same losses to rounding, and the checkpoints hold contiguous tensors either way."""
+    x, y = _data()
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, crop_padding=2, flip=True)
+    model = _model()
+    seen = []
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    conv.register_forward_hook(lambda m, inp, out: seen.append(
+        (out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous())))
+    runs = [train(m, x, y, cfg, seed=0, run_dir=tmp_path / name, device=torch.device("cpu"), log=lambda s: None)
+            for m, name in ((model, "a"), (_model(), "b"))]
+    assert seen and all(dtype == torch.float32 and cl for dtype, cl in seen)
+    a, b = (read_checkpoint(tmp_path / name / "epoch_002.pt") for name in "ab")
+    assert all(torch.equal(a[k], b[k]) and a[k].is_contiguous() for k in a)
+    contiguous = train(_model(), x, y, dataclasses.replace(cfg, channels_last=False), seed=0,
+                       run_dir=tmp_path / "c", device=torch.device("cpu"), log=lambda s: None)
+    for r, c in zip(runs[0], contiguous):
+        assert r["train_loss"] == pytest.approx(c["train_loss"], rel=1e-4)
+
+
 def test_training_on_the_gpu_paths_runs_in_bf16_and_channels_last(tmp_path, monkeypatch):
-    """The code that runs only on CUDA (autocast to bf16, channels-last weights and batches) executed on the CPU: the
-    convolutions see bf16 channels-last inputs, and the losses follow the float32 run's to bf16 precision."""
+    """The code that runs only on CUDA (autocast to bf16), with channels-last weights and batches, executed on the CPU:
+    the convolutions see bf16 channels-last inputs, and the losses follow the float32 run's to bf16 precision."""
     from ood_lib import train as train_mod
 
     x, y = _data()
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, crop_padding=2, flip=True)
     exact = train(_model(), x, y, cfg, seed=0, run_dir=tmp_path / "fp32", device=torch.device("cpu"),
                   log=lambda s: None)
-    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(train_mod, "BF16_DEVICES", ("cuda", "cpu"))
     model = _model()
     seen = []
     conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # one with several input channels
@@ -172,7 +195,7 @@ def test_extraction_on_the_gpu_paths_matches_float32(monkeypatch):
     x, _ = _data(n=40)
     model = _model().eval()
     exact = extract(model, x, torch.device("cpu"), batch_size=16, amp=True)  # amp asked, but off on the CPU
-    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(train_mod, "BF16_DEVICES", ("cuda", "cpu"))
     fast = extract(model, x, torch.device("cpu"), batch_size=16, amp=True)
     assert exact["logits"].dtype == fast["logits"].dtype == "float32"
     rel = abs(fast["logits"] - exact["logits"]).max() / abs(exact["logits"]).max()
