@@ -24,6 +24,7 @@ line, and ``torch.load(io.BytesIO(data[91:]))`` its content. Files written befor
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -64,6 +65,26 @@ def fast_paths(device: torch.device, bf16: bool, channels_last: bool) -> tuple[b
     """(bf16 autocast, channels-last) as used on ``device``: bf16 where asked for on a device of BF16_DEVICES,
     channels-last wherever asked for."""
     return device.type in BF16_DEVICES and bf16, channels_last
+
+
+@contextlib.contextmanager
+def channels_last_eval(model: torch.nn.Module):
+    """``model`` in channels-last memory format for the duration of an evaluation pass, then back in the layout it
+    had (training has its own switch, ``TrainConfig.channels_last``). Float32 either way, the same values to rounding;
+    on 2 CPU cores the study's per-epoch scoring ran about 10% faster in it (42 s against 47 s per 30-epoch run)."""
+    # a conv weight whose two layouts differ (more than one input channel and a spatial kernel) tells which one it has
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+    was = bool(convs) and not convs[0].is_contiguous()
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if not was:
+            model.to(memory_format=torch.contiguous_format)
+
+
+def as_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -226,7 +247,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
                 x = augment(images[idx].float().div_(255), gen, cfg.crop_padding, cfg.flip)
                 y = labels[idx]
                 if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                    x = as_channels_last(x)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = model(x)
                     ce = F.cross_entropy(out.float(), y)
