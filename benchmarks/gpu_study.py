@@ -16,13 +16,21 @@ Inputs are random uint8 images (speed does not depend on pixel values); the code
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+# the repository root on the path, here and in the worker processes: on the device machine nothing is installed
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 from ood_lib import metrics
 from ood_lib.config import TrainConfig
@@ -57,7 +65,7 @@ def study_epochs(arch: str, n: int, epochs: int, batch: int, device: torch.devic
         t0 = time.perf_counter()
         scores = {}
         for name, images in sets.items():
-            z = torch.from_numpy(extract(m, images, device, batch_size=2000, amp=True)["logits"])
+            z = torch.from_numpy(extract(m, images, device, batch_size=2000)["logits"])
             scores[name] = {d: f(z.numpy()) for d, f in LOGIT_DETECTORS.items()}
         for split in ("val", "test"):
             id_name = "id_test" if split == "test" else "id_val"

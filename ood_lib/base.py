@@ -69,21 +69,27 @@ def _eval_set(arrays: ImageArrays, split: str, pre: Preprocess) -> EvalSet:
     return EvalSet(arrays.name, split, pre(arrays.x), arrays.y.copy(), arrays.checksum)
 
 
-def prepare_data(profile: Profile) -> StudyData:
-    """Load, subset, split and preprocess every set of the profile (deterministic in ``data.split_seed``)."""
+def prepare_data(profile: Profile, with_ood: bool = True) -> StudyData:
+    """Load, subset, split and preprocess every set of the profile (deterministic in ``data.split_seed``).
+    ``with_ood=False`` loads the ID sets alone (the same subsets: the OOD sets are drawn after them), for choices
+    that must not see OOD data (benchmarks/recipe_gate.py)."""
     d = profile.data
     pre = data_pre(profile)
     rng = np.random.default_rng(d.split_seed)
     train_all = load_dataset(d.id_set, "train")
     order = rng.permutation(len(train_all.y))
     val_idx = np.sort(order[:d.id_val_size])
-    end = None if d.train_size is None else d.id_val_size + d.train_size
-    train_idx = np.sort(order[d.id_val_size:end])
+    rest = order[d.id_val_size:]
+    if d.balanced and d.train_size is not None:  # the first train_size / K of each class in the same draw
+        k = DATASETS[d.id_set].num_classes
+        train_idx = np.sort(np.concatenate([rest[train_all.y[rest] == c][:d.train_size // k] for c in range(k)]))
+    else:
+        train_idx = np.sort(rest[:d.train_size])
     train_set = train_all.subset(train_idx)
     id_val = _eval_set(train_all.subset(val_idx), "val", pre)
     id_test = _eval_set(_subset(load_dataset(d.id_set, "test"), d.id_test_size, rng), "test", pre)
     ood_val, ood_test = {}, {}
-    for name in d.ood_sets:
+    for name in d.ood_sets if with_ood else ():
         arrays = _subset(load_dataset(name, DATASETS[name].ood_split), d.ood_size, rng)
         halves = np.array_split(rng.permutation(len(arrays.y)), 2)
         ood_val[name] = _eval_set(arrays.subset(np.sort(halves[0])), "val", pre)
@@ -119,8 +125,7 @@ def score_sets(profile: Profile, model: torch.nn.Module, digest: str, sets: list
     detectors = e.detectors if detectors is None else detectors
     out = {}
     for s in sets:
-        o = outputs(cache, model, digest, s.images, s.checksum, data_pre(profile), device, e.batch_size,
-                    amp=profile.train.bf16)
+        o = outputs(cache, model, digest, s.images, s.checksum, data_pre(profile), device, e.batch_size)
         scores = {name: LOGIT_DETECTORS[name](o["logits"]) for name in detectors if name in LOGIT_DETECTORS}
         if "odin" in detectors:
             scores["odin"] = odin_scores(cache, model, digest, s.images, s.checksum, data_pre(profile), device,
@@ -156,7 +161,7 @@ def train_outputs(profile: Profile, model: torch.nn.Module, digest: str, data: S
     """Cached logits and features of the ID training images as trained on, without augmentation (the data
     post-hoc detectors fit their statistics on)."""
     out = outputs(cache, model, digest, data.train_images, data.train_checksum, data_pre(profile), device,
-                  profile.eval.batch_size, amp=profile.train.bf16)
+                  profile.eval.batch_size)
     return {**out, "labels": data.train_labels.numpy()}
 
 

@@ -51,8 +51,7 @@ def evaluate_model(profile: Profile, data: StudyData, model: torch.nn.Module, na
     sets, ash = {}, {}
     test_sets = {"id": data.id_test, **data.ood_test}
     for key, s in test_sets.items():
-        o = outputs(cache, model, digest, s.images, s.checksum, pre, device, profile.eval.batch_size,
-                    amp=profile.train.bf16)
+        o = outputs(cache, model, digest, s.images, s.checksum, pre, device, profile.eval.batch_size)
         sets[key] = (o["features"], o["logits"])
         for variant in profile.line.ash:  # pooled site: a function of the cached features and the head
             ash.setdefault(variant, {})[key] = ash_from_features(o["features"], head.weight, head.bias, variant,

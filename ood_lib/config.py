@@ -42,6 +42,7 @@ class DataConfig:
     input_size: int = 28             # images are resized to input_size x input_size
     channels: int = 1                # 1 = grayscale, 3 = RGB (sets are converted to this)
     split_seed: int = 0              # fixes the subsets and the OOD val/test halves for every training seed
+    balanced: bool = False           # draw train_size with the same number of images from every class
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class TrainConfig:
     nesterov: bool = False
     crop_padding: int = 4            # random crop with zero padding; 0 disables
     flip: bool = True                # random horizontal flip
-    bf16: bool = True                # autocast to bfloat16 on CUDA (ignored on CPU)
+    bf16: bool = True                # autocast training to bfloat16 on CUDA
+    cpu_bf16: bool = False           # also on the CPU (cifar10-cpu: 1.6-2.3x faster where it has avx512_bf16);
+                                     # evaluation is float32 everywhere (features.extract)
     channels_last: bool = True       # channels-last memory format (on the CPU too, in float32)
 
 
@@ -136,13 +139,23 @@ class Profile:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def digest_dict(self) -> dict:
+        """``to_dict`` less the fields added after digests were first used, while they are at their default
+        (``LATE_FIELDS``): adding a switch does not re-key the runs and shards it does not change."""
+        d = self.to_dict()
+        for section, late in LATE_FIELDS.items():
+            d[section] = {k: v for k, v in d[section].items() if not (k in late and v == late[k])}
+        return d
+
     def digest(self, *sections: str) -> str:
         """Short SHA-256 of the named sections (e.g. ``digest("data", "model", "train")`` keys trained models)."""
-        d = self.to_dict()
+        d = self.digest_dict()
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# section -> {field: default}: fields left out of Profile.digest while at their default (see there)
+LATE_FIELDS = {"data": {"balanced": False}, "train": {"cpu_bf16": False}}
 DEVICES = ("auto", "cpu", "cuda")
 NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06")
 
@@ -324,6 +337,16 @@ def _validate_values(p: Profile, datasets: dict) -> None:
                                   ("data.input_size", d.input_size, 1, None)]:
         if v is not None and v < least:
             bad(param, v, f"at least {least}" + (f", or {none}" if none else ""))
+    if d.balanced:
+        k = spec.num_classes
+        if d.train_size is None or d.train_size % k:
+            bad("data.balanced", d.balanced, f"false, unless data.train_size is a multiple of the {k} classes of "
+                                             f"{d.id_set} (got {d.train_size})")
+        per_class = spec.class_counts.get("train")
+        if per_class and d.train_size // k + d.id_val_size > min(per_class):
+            bad("data.train_size", d.train_size, f"at most {k * (min(per_class) - d.id_val_size)} with "
+                                                 f"data.balanced (every class must keep train_size / {k} images "
+                                                 f"beside the held-out ID-val images)")
     n_train = spec.counts.get("train")
     if n_train is not None:
         used = d.id_val_size + (d.train_size or 1)

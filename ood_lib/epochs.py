@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ood_lib.metrics import mean_over_ood
+
 RULES = ("final", "oracle", "ood_val", "id_val")
 RULE_LABELS = {"final": "final epoch", "oracle": "best epoch (oracle: test OOD)",
                "ood_val": "chosen on OOD-val", "id_val": "chosen on ID-val (no OOD)"}
-
-
-def mean_over_ood(rows: pd.DataFrame) -> pd.DataFrame:
-    """Unweighted mean over OOD sets of each (split, seed, epoch, detector, metric)."""
-    ood = rows[rows["ood_set"] != ""]
-    keys = ["split", "seed", "epoch", "detector", "metric"]
-    return ood.groupby(keys, as_index=False)["value"].mean()
 
 
 def _curve(mean_rows: pd.DataFrame, split: str, metric: str) -> pd.DataFrame:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ood_lib import ash, detectors, progress
 from ood_lib.atomic import atomic_write
 from ood_lib.results import note_work
-from ood_lib.train import as_channels_last, channels_last_eval, fast_paths
+from ood_lib.train import as_channels_last, channels_last_eval
 
 # ITU-R BT.601 luma weights, for colour images fed to a grayscale model.
 LUMA = (0.299, 0.587, 0.114)
@@ -127,19 +127,23 @@ def read_entry(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+# Evaluation runs in float32 on every device: bf16 logits carry 8 mantissa bits (spacing 0.06-0.125 at the logits'
+# scale), enough to tie scores and move FPR95, and post-hoc fits on rounded features. Training may use bf16.
+EVAL_PRECISION = "fp32"
+
+
 @torch.no_grad()
-def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1000,
-            amp: bool = False) -> dict[str, np.ndarray]:
-    """Logits and penultimate features (float32) of uint8 images (N, C, H, W), model in eval mode, channels-last
-    for the pass (``train.channels_last_eval``)."""
+def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+            batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Logits and penultimate features (float32, computed in float32 on every device) of uint8 images
+    (N, C, H, W), model in eval mode, channels-last for the pass (``train.channels_last_eval``)."""
     model.eval().to(device)
-    bf16, _ = fast_paths(device, amp, False)
     logits, feats = [], []
     with channels_last_eval(model), progress.Bar(-(-images.shape[0] // batch_size), "extract", unit="batch",
                                             leave=False) as bar:
         for start in range(0, images.shape[0], batch_size):
             x = as_channels_last(images[start:start + batch_size].to(device, non_blocking=True).float().div_(255))
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device_type=device.type, enabled=False):
                 f = model.features(x)
                 z = model.fc(f)
             logits.append(z.float().cpu())
@@ -157,11 +161,12 @@ def input_key(model: torch.nn.Module) -> list:
 
 
 def outputs(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
-            pre: Preprocess, device: torch.device, batch_size: int = 1000, amp: bool = False) -> dict[str, np.ndarray]:
-    """Cached ``extract``: ``images`` are already preprocessed with ``pre``; ``checksum`` is the source data's."""
+            pre: Preprocess, device: torch.device, batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Cached ``extract``: ``images`` are already preprocessed with ``pre``; ``checksum`` is the source data's. The key
+    names the precision and the device type the outputs were computed in."""
     parts = {"what": "outputs", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "amp": bool(amp), "layout": "channels_last"}
-    return cache.get(parts, lambda: extract(model, images, device, batch_size, amp))
+             "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
+    return cache.get(parts, lambda: extract(model, images, device, batch_size))
 
 
 def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
@@ -169,7 +174,8 @@ def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images
                 batch_size: int = 500) -> np.ndarray:
     """Cached ODIN scores (they need input gradients, so they cannot come from the logits cache)."""
     parts = {"what": "odin", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "temperature": temperature, "epsilon": epsilon, "layout": "channels_last"}
+             "temperature": temperature, "epsilon": epsilon, "precision": EVAL_PRECISION, "device": device.type,
+             "layout": "channels_last"}
 
     def compute():
         model.eval().to(device)
@@ -199,7 +205,8 @@ def ash_score_table(cache: FeatureCache, model: torch.nn.Module, digest: str, im
     ash.check(configs, site)
     parts = {(v, p): {"what": "ash", "weights": digest, "norm": input_key(model), "data": checksum,
                       "pre": pre.key(), "variant": v, "percentile": float(p), "site": site,
-                      "layout": "channels_last"} for v, p in configs}
+                      "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
+             for v, p in configs}
     missing = [cfg for cfg in configs if not cache.path(parts[cfg]).exists()]
 
     def table(pairs):

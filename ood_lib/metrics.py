@@ -12,10 +12,13 @@ Every function takes ``id_scores`` and ``ood_scores`` (1-d arrays) and returns a
                 (score >= t); report the fraction of OOD with score >= t.
 * ``fpr95_id``  OpenOOD v1.5's reading (since Aug 2023): take the lowest threshold t that catches at least
                 95% of OOD (score <= t); report the fraction of ID with score <= t (ID wrongly rejected).
+
+Averages over OOD sets are unweighted means of the per-set metrics (``mean_over_ood``, on tidy result rows).
 """
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_id")
 TPR_LEVEL = 0.95
@@ -114,3 +117,10 @@ def accuracy(logits, labels) -> float:
     """Top-1 accuracy."""
     logits = np.asarray(logits)
     return float(np.mean(logits.argmax(axis=1) == np.asarray(labels)))
+
+
+def mean_over_ood(rows: pd.DataFrame) -> pd.DataFrame:
+    """Unweighted mean over OOD sets of each (split, seed, epoch, detector, metric) of tidy result rows."""
+    ood = rows[rows["ood_set"] != ""]
+    keys = ["split", "seed", "epoch", "detector", "metric"]
+    return ood.groupby(keys, as_index=False)["value"].mean()

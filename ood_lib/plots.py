@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ood_lib.epochs import mean_over_ood
+from ood_lib.metrics import mean_over_ood
 from ood_lib.paths import figures_dir
 
 COLUMN_WIDTH = 3.4   # inches: one column of a two-column paper
@@ -77,6 +77,37 @@ def epoch_curves(rows: pd.DataFrame, detector: str, metric: str, best: int, best
     axes[0].set_ylabel(METRIC_LABELS.get(metric, metric))
     axes[-1].legend(loc="best", fontsize=7)
     fig.suptitle(f"{detector}: {METRIC_LABELS.get(metric, metric)} per epoch (mean ± std over seeds)", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def figure1(rows: pd.DataFrame, history: pd.DataFrame, detector: str = "energy"):
+    """In the shape of Unleashing Mask's Figure 1: per OOD set (and their mean), the test FPR95 of ``detector`` per
+    epoch (left axis) with the ID test accuracy and the training accuracy under augmentation (right axis); bands
+    are mean ± std over seeds."""
+    test = rows[(rows["split"] == "test") & (rows["detector"] == detector) & (rows["metric"] == "fpr95")]
+    m = mean_over_ood(rows)
+    panels = [(s, test[test["ood_set"] == s]) for s in sorted(test["ood_set"].unique())]
+    panels.append(("mean over OOD sets", m[(m["split"] == "test") & (m["detector"] == detector)
+                                           & (m["metric"] == "fpr95")]))
+    acc = rows[(rows["metric"] == "id_acc") & (rows["split"] == "test")].pivot_table(
+        index="epoch", columns="seed", values="value")
+    tacc = history.pivot_table(index="epoch", columns="seed", values="train_acc")
+    fig, axes = plt.subplots(1, len(panels), figsize=(COLUMN_WIDTH * 0.75 * len(panels), 2.3))
+    for ax, (title, d) in zip(np.atleast_1d(axes), panels):
+        _band(ax, d.pivot_table(index="epoch", columns="seed", values="value"), f"{detector} FPR95", PALETTE[3])
+        ax.set(xlabel="epoch", title=title)
+        twin = ax.twinx()
+        _band(twin, acc, "ID test acc.", PALETTE[0])
+        _band(twin, tacc, "train acc. (augmented)", PALETTE[2])
+        twin.set_ylim(0, 101)
+        twin.grid(False)
+    axes = np.atleast_1d(axes)
+    axes[0].set_ylabel("FPR95 (%) ↓")
+    twin.set_ylabel("accuracy (%)")
+    handles = [h for a in (axes[-1], twin) for h in a.get_legend_handles_labels()[0]]
+    labels = [t for a in (axes[-1], twin) for t in a.get_legend_handles_labels()[1]]
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     return fig
 

@@ -69,9 +69,22 @@ def plan(profile_name: str, notebooks: list[str] | None, overrides: dict) -> tup
     return profile, [files[n] for n in sorted(wanted)]
 
 
-def preflight(profile, data: bool = True) -> None:
-    """Before any work: every folder the run writes is writable, and every data set the profile names is present
-    (a cache file or a source; nothing is read). Raises ``RunError`` naming the folder or the set and the fix."""
+def checkpoints_needed(profile, stages: list[str] | None = None) -> list[str]:
+    """The pretrained checkpoints (``models.PRETRAINED`` names) that the given stages, or the profile's notebooks,
+    load: notebook 00 and 04's ``profile.pretrained``, notebook 06's ``um.paper_checkpoint``."""
+    nbs = set(profile.notebooks)
+    wanted = []
+    if profile.pretrained and nbs & {"00", "04"}:
+        wanted += [n for n in profile.pretrained if stages is None or f"posthoc_{n}" in stages or "00" in nbs]
+    if profile.um.paper_checkpoint and "06" in nbs and (stages is None or any(s.startswith("paper_") for s in stages)):
+        wanted.append(profile.um.paper_checkpoint)
+    return list(dict.fromkeys(wanted))
+
+
+def preflight(profile, data: bool = True, stages: list[str] | None = None) -> None:
+    """Before any work: every folder the run writes is writable, and every data set the profile names and every
+    pretrained checkpoint its stages load is present (nothing is read). Raises ``RunError`` naming the folder, the
+    set or the file and the fix."""
     from ood_lib.data import DATASETS
     from ood_lib.paths import data_dir, figures_dir
 
@@ -90,6 +103,16 @@ def preflight(profile, data: bool = True) -> None:
     d = profile.data
     needs = [(d.id_set, "train"), (d.id_set, "test")] + [(n, DATASETS[n].ood_split) for n in d.ood_sets]
     missing = [m for m in (DATASETS[name].present(split) for name, split in needs) if m]
+    from ood_lib.models import PRETRAINED
+    from ood_lib.paths import models_root
+    folder = models_root() or PROJECT_ROOT.parent / "shared" / "models"
+    for name in checkpoints_needed(profile, stages):
+        path = folder / PRETRAINED[name].filename
+        if not path.is_file():
+            missing.append(f"pretrained checkpoint {name!r}: {path} does not exist. Set OOD_MODELS_ROOT to the folder "
+                           f"that holds {PRETRAINED[name].filename} (on the study machines ../shared/models; on a "
+                           f"device machine .device/models, made by scripts/device_data.sh); it comes from "
+                           f"{PRETRAINED[name].source}.")
     if missing:
         raise RunError("\n".join(missing) + "\nNothing was run.")
 
@@ -272,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --stages: bundles from other machines that these stages read")
     ap.add_argument("--allow-mixed-code", action="store_true", help="with --merge: accept bundles computed by "
                                                                     "different versions of the library")
+    ap.add_argument("--allow-mixed-models", action="store_true", help="with --merge: accept stages of a seed that "
+                    "used other weights of a model (e.g. a re-trained base) than that model's own stage recorded")
     jobs = ap.add_argument_group("jobs (ood_lib.cluster, docs/cluster.md)")
     jobs.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
                       help="local (default): the notebooks compute their stages in this process; slurm: every "
@@ -343,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed, g in todo.groupby("seed", sort=False):
                 print(shards.command(profile, g.stage, [seed]))
             return 0
-        preflight(profile, data=not args.merge)
+        preflight(profile, data=not args.merge, stages=_list(args.stages))
         if args.stages:
             run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs)
         elif args.merge:
-            shards.merge(profile, args.merge, args.allow_mixed_code)
+            shards.merge(profile, args.merge, args.allow_mixed_code, allow_mixed_models=args.allow_mixed_models)
             run(args.profile, notebooks, overrides, compute=False)
         else:
             run(args.profile, notebooks, overrides)

@@ -433,6 +433,12 @@ def read_provenance(path: Path) -> dict:
         return {}
 
 
+def _precision(profile, device) -> dict:
+    from ood_lib.features import EVAL_PRECISION
+    from ood_lib.train import training_precision
+    return {"training": training_precision(profile.train, torch.device(device)), "evaluation": EVAL_PRECISION}
+
+
 def write_provenance(profile, notebook: str, device: torch.device | str, data_checksums: dict[str, str],
                      extra: dict | None = None) -> Path:
     """Set ``notebook``'s entry of provenance.json (``profile`` is a ``config.Profile``)."""
@@ -443,6 +449,7 @@ def write_provenance(profile, notebook: str, device: torch.device | str, data_ch
         "packages": package_versions(),
         "platform": platform.platform(),
         "device": device_name(device),
+        "precision": _precision(profile, device),
         "machine": machine_info(),
         "profile": profile.to_dict(),
         "seeds": list(profile.seeds),

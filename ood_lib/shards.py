@@ -46,6 +46,11 @@ DIGEST_SECTIONS = ("data", "model", "train", "eval", "line", "um", "pretrained")
 # switching one on reuses every table already computed.
 STAGE_SWITCHES = {"um": ("global_arm", "gamma_sweep")}
 MANIFEST = "manifest.json"
+# The final checkpoint of a model stage that other stages need travels in its bundle as WEIGHTS when it is at most
+# this large: the CPU profiles' nets (cifar10-cpu's ResNet-18 at width 16: 2.8 MB), not ResNet-18 (45 MB, more than
+# a device run can bring back in one file); those are re-trained where needed and their digest compared.
+WEIGHTS = "weights.pt"
+WEIGHTS_MAX_BYTES = 8 * 2**20
 
 
 class ShardError(RuntimeError):
@@ -54,7 +59,7 @@ class ShardError(RuntimeError):
 
 def profile_digest(profile: Profile) -> str:
     """Short SHA-256 of what the stages' tables depend on: ``DIGEST_SECTIONS`` less ``STAGE_SWITCHES``."""
-    d = profile.to_dict()
+    d = profile.digest_dict()
     kept = {s: {k: v for k, v in d[s].items() if k not in STAGE_SWITCHES.get(s, ())} if isinstance(d[s], dict)
             else d[s] for s in DIGEST_SECTIONS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -141,6 +146,13 @@ def _write(profile: Profile, stage: str, seed: int, tables: stages_mod.Tables, i
     return m
 
 
+def precision(profile: Profile, device: torch.device) -> dict:
+    """What a stage's training and evaluation ran in on ``device`` (manifest and provenance)."""
+    from ood_lib.features import EVAL_PRECISION
+    from ood_lib.train import training_precision
+    return {"training": training_precision(profile.train, device), "evaluation": EVAL_PRECISION}
+
+
 def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int]) -> str:
     return (f"python -m ood_lib.reproduce --profile {profile.name} --stages {','.join(stages)} "
             f"--seeds {','.join(str(s) for s in seeds)}")
@@ -188,11 +200,46 @@ class Runner:
         tables = stage.compute(self.ctx, seed, lambda dep: self.tables(dep, seed))
         seconds = time.perf_counter() - t0
         info = {"seconds": round(seconds, 3), "device": device_name(self.ctx.device), "models_used": models,
+                "precision": precision(self.profile, self.ctx.device),
                 "inputs": {dep: manifest(self.profile, dep, seed)["tables"] for dep in stage.inputs}}
         if stage.digest is not None:
             info["final_digest"] = stage.digest(self.ctx, seed)
+        weights = self._weights_to_carry(name, seed)
+        if weights is not None:
+            folder = shard_dir(self.profile, name, seed)
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_write(folder / WEIGHTS) as f:
+                f.write(weights)
+            info["weights"] = hashlib.sha256(weights).hexdigest()
         _write(self.profile, name, seed, tables, info)
         self.log(f"[stage {name} seed {seed}] done in {seconds:.1f} s -> {shard_dir(self.profile, name, seed)}")
+
+    def _weights_to_carry(self, name: str, seed: int) -> bytes | None:
+        """The final checkpoint's bytes of a model stage that another stage of the profile needs, if small enough."""
+        stage = self.stage(name)
+        if stage.checkpoint is None or not any(name in s.models for s in self.registry.values()):
+            return None
+        path = stage.checkpoint(self.ctx, seed)
+        if not path.exists() or path.stat().st_size > WEIGHTS_MAX_BYTES:
+            return None
+        return path.read_bytes()
+
+    def _install_weights(self, name: str, seed: int) -> bool:
+        """Put the final checkpoint a merged bundle carried where the stage's run keeps it; False if none came."""
+        stage, m = self.stage(name), manifest(self.profile, name, seed)
+        source = shard_dir(self.profile, name, seed) / WEIGHTS
+        if stage.checkpoint is None or not m.get("weights") or not source.exists():
+            return False
+        data = source.read_bytes()
+        if hashlib.sha256(data).hexdigest() != m["weights"]:
+            raise ShardError(f"{source} does not match its manifest; merge the bundle of stage {name!r} seed {seed} "
+                             "again")
+        target = stage.checkpoint(self.ctx, seed)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target) as f:
+            f.write(data)
+        self.log(f"[stage {name} seed {seed}] final weights from its bundle -> {target}")
+        return True
 
     def model(self, name: str, seed: int) -> dict:
         """Make sure the trained model of stage ``name`` is on this machine; return its digest and, when it had to be
@@ -206,6 +253,12 @@ class Runner:
         recorded = manifest(self.profile, name, seed).get("final_digest")
         digest = stage.digest(self.ctx, seed)
         info = {"digest": digest, "recorded": recorded, "retrained": False}
+        if digest is None and self._install_weights(name, seed):
+            digest = stage.digest(self.ctx, seed)
+            info.update(digest=digest, installed=True)
+            if digest != recorded:
+                raise ShardError(f"the weights in the bundle of stage {name!r} seed {seed} have digest {digest}, its "
+                                 f"manifest records {recorded}; merge the bundle again")
         if digest is None:
             self.log(f"[stage {name} seed {seed}] its tables came from elsewhere; re-training its model here ...")
             for dep in stage.models:
@@ -273,7 +326,7 @@ def pack(profile: Profile, stage: str, seed: int, out_dir: Path) -> Path:
     folder = shard_dir(profile, stage, seed)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in [MANIFEST] + sorted(f"{t}.csv" for t in m["tables"]):
+        for name in [MANIFEST] + sorted(f"{t}.csv" for t in m["tables"]) + ([WEIGHTS] if m.get("weights") else []):
             data = (folder / name).read_bytes()
             info = tarfile.TarInfo(f"{stage}/seed{seed}/{name}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -311,6 +364,8 @@ def _open_bundle(path: Path) -> tuple[dict, dict[str, bytes]]:
         raise ShardError(f"bundle {path}: its folder {prefix!r} does not match its manifest "
                          f"(stage {m['stage']!r}, seed {m['seed']})")
     tables = {f"{prefix}/{t}.csv": d for t, d in m["tables"].items()}
+    if m.get("weights"):
+        tables[f"{prefix}/{WEIGHTS}"] = m["weights"]
     extra = sorted(set(files) - set(tables) - {f"{prefix}/{MANIFEST}"})
     if extra:
         raise ShardError(f"bundle {path} holds files its manifest does not list: {extra}")
@@ -328,13 +383,30 @@ def _config_difference(a: dict, b: dict, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: {a!r} (bundle) vs {b!r} (here)"]
 
 
+def _mixed_models(manifests: list[dict]) -> list[str]:
+    """Where the stages of one seed disagree about a model they share: a stage that used weights of stage X (its
+    ``models_used``) whose digest differs from X's own recorded ``final_digest`` (e.g. a base model re-trained on
+    another machine by nondeterministic kernels, while gamma and atypicality were measured on the original)."""
+    finals = {(m["stage"], int(m["seed"])): m.get("final_digest") for m in manifests}
+    problems = []
+    for m in manifests:
+        for dep, used in (m.get("models_used") or {}).items():
+            final = finals.get((dep, int(m["seed"])))
+            if final is not None and used.get("digest") != final:
+                problems.append(f"stage {m['stage']} of seed {m['seed']} used {dep} weights {str(used.get('digest'))[:12]}"
+                                f", but {dep}'s own tables were computed with {final[:12]}")
+    return problems
+
+
 def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = False,
-          log: Callable[[str], None] = print) -> list[tuple[str, int]]:
+          log: Callable[[str], None] = print, allow_mixed_models: bool = False) -> list[tuple[str, int]]:
     """Check every bundle, then put each shard into place; returns the (stage, seed) merged (new or identical).
 
     Refused, before anything is written: a bundle that is unreadable, damaged or incomplete; of another profile or
     profile digest; a stage this profile does not have; two bundles of the same (stage, seed); bundles of
-    different code versions (unless ``allow_mixed_code``); a shard already here with other tables."""
+    different code versions (unless ``allow_mixed_code``); stages of one seed that used other weights of a model
+    than the ones that model's stage recorded (unless ``allow_mixed_models``); a shard already here with other
+    tables."""
     bundles = [Path(b) for b in bundles]
     if not bundles:
         raise ShardError("no bundle to merge")
@@ -369,6 +441,14 @@ def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = Fa
         raise ShardError(f"the shards come from {len(codes)} code versions ({by_code}; shards already merged may "
                          "add more): their numbers may not be comparable. Recompute them with one version, or pass "
                          "--allow-mixed-code to merge anyway (recorded in each manifest)")
+    present = [manifest(profile, name, seed) for name, s in registry.items() for seed in s.runs_for(profile)]
+    incoming = {(m["stage"], int(m["seed"])): m for _, m, _ in opened}
+    everything = [m for m in present if m is not None and (m["stage"], int(m["seed"])) not in incoming]
+    mixed = _mixed_models(everything + list(incoming.values()))
+    if mixed and not allow_mixed_models:
+        raise ShardError("the stages of a seed disagree about the weights they share: " + "; ".join(mixed) + ". "
+                         "Recompute the dependent stages where that model's weights are (one command per seed, or "
+                         "with the bundle that carries them), or pass --allow-mixed-models to merge anyway")
     if code_digest() not in codes:
         log(f"note: the bundles were computed by code {sorted(codes)}, this checkout is {code_digest()}; the analysis "
             "runs with this checkout")

@@ -9,10 +9,12 @@ Two kinds of dependency:
   * ``inputs``: stages whose TABLES (of the same seed) this one reads, e.g. the removal arms read the per-image
     atypicality scores. Tables travel in bundles, so these stages may run anywhere.
   * ``models``: stages whose trained WEIGHTS this one needs on this machine, e.g. UM starts from the final base
-    model. Weights never travel. Where they are missing but the stage's tables exist (a bundle from another
-    machine), the weights are re-trained from the same recipe and seed (``ensure_model``) and their digest is
-    compared with the recorded one: equal on the same hardware and software (always on CPU), possibly different
-    on a GPU, and then said so in the dependent stage's manifest.
+    model. The final checkpoint of a stage that others need travels in its bundle when it is small
+    (``shards.WEIGHTS_MAX_BYTES``: the CPU profiles' nets) and is put in place on the machine that merges it.
+    Where it is missing (a larger net, e.g. ResNet-18 on a GPU), the weights are re-trained from the same recipe
+    and seed and their digest is compared with the recorded one: equal on the same hardware and software, possibly
+    different on a GPU, and then said so in the dependent stage's manifest. Only the FINAL checkpoint travels: a
+    stage that reads every epoch of a run (``atypical``, ``gamma``'s rule B) runs where that run was trained.
 
 Stages of a profile (``stages(profile)``), in an order that respects both kinds of dependency:
 
@@ -35,6 +37,7 @@ Stages of a profile (``stages(profile)``), in an order that respects both kinds 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -83,6 +86,7 @@ class Stage:
     models: tuple[str, ...] = ()
     train: Callable[[Context, int, Read], None] | None = None
     digest: Callable[[Context, int], str | None] | None = None
+    checkpoint: Callable[[Context, int], Path] | None = None  # the final model's checkpoint file (model stages)
     seeds: tuple[int, ...] | None = None   # the seeds it runs for; None: every seed of the profile
 
     def runs_for(self, profile: Profile) -> list[int]:
@@ -108,6 +112,10 @@ def _final_scores(ctx: Context, model: torch.nn.Module, model_name: str) -> pd.D
 
 def _base_train(ctx: Context, seed: int, read: Read) -> None:
     base.train_seed(ctx.profile, ctx.data, seed, log=ctx.log)
+
+
+def _base_checkpoint(ctx: Context, seed: int) -> Path:
+    return base.run_dir(ctx.profile, seed) / f"epoch_{ctx.profile.train.epochs:03d}.pt"
 
 
 def _base_digest(ctx: Context, seed: int) -> str | None:
@@ -207,6 +215,9 @@ def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None, gamma_stage: s
             return None
         return weights_digest(um.load(ctx.profile, ctx.data, seed, ft))
 
+    def checkpoint(ctx: Context, seed: int) -> Path:
+        return um.run_dir(ctx.profile, seed, ft) / f"epoch_{ctx.profile.um.epochs:03d}.pt"
+
     def compute(ctx: Context, seed: int, read: Read) -> Tables:
         if ft.flooded and np.isnan(level(ctx, seed, read)):  # rule B: no late stage, nothing for UM to undo
             ctx.log(f"[stage {ft.name} seed {seed}] no flood level (rule B found no late stage): not trained")
@@ -219,7 +230,8 @@ def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None, gamma_stage: s
         return tables
 
     return Stage(ft.name, notebook, compute, inputs=(gamma_stage,) if flooded_by_estimate else (),
-                 models=() if ft.pretrained else ("base",), train=train, digest=digest, seeds=seeds)
+                 models=() if ft.pretrained else ("base",), train=train, digest=digest, checkpoint=checkpoint,
+                 seeds=seeds)
 
 
 # --- notebook 04 ------------------------------------------------------------------------------------------------
@@ -274,7 +286,7 @@ def stages(profile: Profile) -> dict[str, Stage]:
                     for name in names]
         return {s.name: s for s in out}
     if nbs & {"01", "02", "03", "04"}:
-        out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest))
+        out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest, checkpoint=_base_checkpoint))
     if "02" in nbs:
         out.append(Stage("atypical", "02", _atypical, models=("base",)))
         out += [_arm(arm) for arm in atypical.arms(profile.um)]

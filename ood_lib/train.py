@@ -2,10 +2,10 @@
 
 The whole training set sits on the device as uint8; each batch is gathered, converted and augmented there
 (random crop with zero padding, horizontal flip), so no data loader is involved. Tensors are channels-last; on
-CUDA the forward pass runs in bf16 autocast. After every epoch the weights are written to
-``run_dir/epoch_NNN.pt`` and the resume state to ``run_dir/state.pt``, both atomically. Everything random in
-epoch e (batch order, crops, flips, dropout) is drawn from a generator seeded by (seed, e), so a run resumed
-after an interruption gives exactly the weights of an uninterrupted one.
+CUDA (and on the CPU where the profile sets ``train.cpu_bf16``) the forward pass runs in bf16 autocast. After every
+epoch the weights are written to ``run_dir/epoch_NNN.pt`` and the resume state to ``run_dir/state.pt``, both
+atomically. Everything random in epoch e (batch order, crops, flips, dropout) is drawn from a generator seeded by
+(seed, e), so a run resumed after an interruption gives exactly the weights of an uninterrupted one.
 
 Checkpoint files carry their own checksum. PyTorch checks nothing on load (a flipped bit loads as a different
 weight), so every file ``save_checkpoint`` writes is one header line, then the bytes of ``torch.save``::
@@ -53,18 +53,25 @@ class CheckpointDamaged(RuntimeError):
     """A checkpoint whose content does not match its recorded SHA-256, or that cannot be read at all."""
 
 
-# Device types on which training and extraction autocast to bf16 (TrainConfig.bf16); elsewhere (the CPU) they run in
-# exact float32, deterministically. Channels-last tensors (TrainConfig.channels_last) are used on every device: on
-# the CPU they stay float32, and the default profile's weights came out bit-identical to the contiguous layout's at
-# every epoch (PyTorch 2.14, this project's CPUs), at the same training speed within a few percent. Tests add "cpu"
-# here to exercise bf16 on a machine without a GPU (tests/test_train.py).
+# Device types on which training autocasts to bf16 when TrainConfig.bf16 asks for it; the CPU only where a profile
+# also sets TrainConfig.cpu_bf16 (cifar10-cpu), otherwise it trains in exact float32, deterministically. Evaluation
+# (features.extract, ODIN, the masked losses) is float32 on every device. Channels-last tensors
+# (TrainConfig.channels_last) are used on every device: in float32 on the CPU, the default profile's weights came
+# out bit-identical to the contiguous layout's at every epoch (PyTorch 2.14, this project's CPUs), at the same
+# training speed within a few percent. Tests add "cpu" here to exercise the CUDA path on a machine without a GPU.
 BF16_DEVICES = ("cuda",)
 
 
-def fast_paths(device: torch.device, bf16: bool, channels_last: bool) -> tuple[bool, bool]:
-    """(bf16 autocast, channels-last) as used on ``device``: bf16 where asked for on a device of BF16_DEVICES,
-    channels-last wherever asked for."""
-    return device.type in BF16_DEVICES and bf16, channels_last
+def fast_paths(device: torch.device, bf16: bool, channels_last: bool, cpu_bf16: bool = False) -> tuple[bool, bool]:
+    """(bf16 autocast, channels-last) of a training run on ``device``: bf16 where asked for on a device of
+    BF16_DEVICES, or on the CPU with ``cpu_bf16``; channels-last wherever asked for."""
+    on = device.type in BF16_DEVICES or (device.type == "cpu" and cpu_bf16)
+    return on and bf16, channels_last
+
+
+def training_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """'bf16-autocast' or 'fp32': what a run of ``cfg`` on ``device`` trains in (recorded in provenance)."""
+    return "bf16-autocast" if fast_paths(device, cfg.bf16, False, cfg.cpu_bf16)[0] else "fp32"
 
 
 @contextlib.contextmanager
@@ -201,7 +208,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     cuda = device.type == "cuda"
-    bf16, channels_last = fast_paths(device, cfg.bf16, cfg.channels_last)
+    bf16, channels_last = fast_paths(device, cfg.bf16, cfg.channels_last, cfg.cpu_bf16)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     images, labels = images.to(device), labels.to(device)

@@ -3,14 +3,17 @@
 #   bash scripts/device_shard.sh STAGES SEEDS [BUNDLE ...]
 # e.g. bash scripts/device_shard.sh base,atypical,gamma,posthoc_base 0
 #      bash scripts/device_shard.sh um,posthoc_um 0 docs/results/cifar10/bundles/cifar10__{base,gamma}__seed0.tar.gz
-# Reads the data from .device/data (scripts/device_data.sh, carried), writes one bundle per (stage, seed) and the log
-# to $OUT (the device tool brings them back), and prints the GPU and the time of each stage.
+# Reads the data from .device/data and the checkpoints from .device/models (scripts/device_data.sh, carried), writes
+# one bundle per (stage, seed) and the log to $OUT (the device tool brings them back), and prints the GPU and the
+# time of each stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stages="$1"; seeds="$2"; shift 2
 out="${OUT:-results/cifar10/bundles}"
 mkdir -p "$out"
-export OOD_DATA_ROOT="$PWD/.device/data" OOD_DATA_DIR="${TMPDIR:-/tmp}/ood_data" PYTHONUNBUFFERED=1
+# the repository root on the path (nothing is pip-installed there), for worker processes too
+export OOD_DATA_ROOT="$PWD/.device/data" OOD_MODELS_ROOT="$PWD/.device/models" OOD_DATA_DIR="${TMPDIR:-/tmp}/ood_data" \
+  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 inputs=()

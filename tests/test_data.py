@@ -119,6 +119,19 @@ def test_shared_colour_sets(real_data_root):
     assert t.x.shape == (10000, 32, 32, 3) and len(np.unique(t.y)) == 200
 
 
+def test_isun_is_the_odin_archive_pinned_by_its_checksum(real_data_root):
+    """iSUN (ODIN's release, one of the papers' OOD sets): 8,925 unlabelled 32x32 RGB images, read from the archive
+    whose SHA-256 the registry pins (../shared/data/MANIFEST.md)."""
+    from ood_lib.data.registry import SHARED_ARCHIVE_SHA256
+    assert SHARED_ARCHIVE_SHA256["iSUN.tar.gz"] == "74c2d220910a65b495611601170a46fc093c26c543d66f7b843ef72954636ecc"
+    tar = [s for s in DATASETS["isun"].sources if isinstance(s, TarImageFolder)][0]
+    assert tar.sha256["iSUN.tar.gz"] == SHARED_ARCHIVE_SHA256["iSUN.tar.gz"]
+    a = load_real("isun", "test")
+    assert a.x.shape == (8925, 32, 32, 3) and a.x.dtype == np.uint8 and (a.y == -1).all()
+    assert 60 < a.x.mean() < 200 and a.x.std() > 20  # real pictures, not blank
+    assert DATASETS["isun"].ood_split == "test" and DATASETS["isun"].num_classes is None
+
+
 # ---------------------------------------------------------------- IDX fixtures: cache, corruption
 def idx_bytes(a: np.ndarray) -> bytes:
     return bytes([0, 0, 8, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
@@ -352,9 +365,19 @@ def test_ood_image_folder_and_its_tar_gz(env, name):
     expected = np.stack([expected_32(layout["a_class"][0])] + [expected_32(im) for im in layout["b_class"]])
     assert a.x.shape == (3, 32, 32, 3) and np.array_equal(a.x, expected) and list(a.y) == [-1, -1, -1]
 
-    tar_folder(env.ddir / "raw" / tar_src.archives[0], env.root / root_name, root_name)
+    pinned = [n for n in tar_src.archives if n in tar_src.sha256]  # iSUN: the shared archive's name is pinned
+    if pinned:
+        tar_folder(env.ddir / "raw" / pinned[0], env.root / root_name, root_name)
+        small.cache_path("test").unlink()
+        shutil.move(env.root / root_name.split("/")[0], env.ddir / "aside")
+        with pytest.raises(DatasetCorrupt, match="SHA-256"):  # another archive under that name is refused
+            small.load("test")
+        (env.ddir / "raw" / pinned[0]).unlink()
+        shutil.move(env.ddir / "aside", env.root / root_name.split("/")[0])
+    unpinned = next(n for n in tar_src.archives if n not in tar_src.sha256)
+    tar_folder(env.ddir / "raw" / unpinned, env.root / root_name, root_name)
     shutil.rmtree(env.root / root_name.split("/")[0])
-    small.cache_path("test").unlink()
+    small.cache_path("test").unlink(missing_ok=True)
     b = small.load("test")
     assert np.array_equal(b.x, a.x) and b.checksum == a.checksum
 

@@ -55,7 +55,7 @@ def test_notebook_01_writes_figures_tables_timings_provenance(smoke_run):
     out, _ = smoke_run
     figs = {f.name for f in (out / "figures/smoke").iterdir()}
     for stem in ("01_training_curves", "01_energy_fpr95_per_epoch", "01_energy_auroc_per_epoch",
-                 "01_detectors_fpr95_per_epoch"):
+                 "01_detectors_fpr95_per_epoch", "01_energy_figure1"):
         assert {f"{stem}.pdf", f"{stem}.png"} <= figs
         assert_figure(out / "figures/smoke", stem)
     sel = pd.read_csv(out / "results/smoke/01_epoch_selection.csv")

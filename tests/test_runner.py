@@ -88,6 +88,22 @@ def test_a_missing_data_set_is_refused_before_any_work(machine, monkeypatch, tmp
     assert "Get it with: make data" in err and err.rstrip().endswith("Nothing was run.")
 
 
+def test_a_missing_checkpoint_is_refused_before_any_work(machine, monkeypatch, tmp_path, capsys):
+    """Notebook 06's stages load the authors' checkpoint: on a machine without it (a device machine whose
+    .device/models was not carried) the shard command stops before any work, naming the file and the variable."""
+    machine("nomodels")
+    monkeypatch.setenv("OOD_MODELS_ROOT", str(tmp_path / "no-models"))
+    assert reproduce.main(["--profile", "cifar10", "--stages", "paper_start", "--seeds", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "pretrained checkpoint 'um_densenet_cifar10'" in err and "um_densenet_cifar10_jan2023.state" in err
+    assert "OOD_MODELS_ROOT" in err and err.rstrip().endswith("Nothing was run.")
+    p = reproduce.load_profile("cifar10")
+    assert reproduce.checkpoints_needed(p, ["base", "um"]) == []  # stages that load no checkpoint need none
+    assert reproduce.checkpoints_needed(p) == ["um_densenet_cifar10"]
+    assert set(reproduce.checkpoints_needed(reproduce.load_profile("cifar10-pretrained"))) == {
+        "dice_densenet100_cifar10", "um_densenet_cifar10"}
+
+
 @pytest.mark.parametrize("errno_, words", [(28, "no space left on the disk that holds /r/m.csv"),
                                            (13, "/r/m.csv cannot be written (Permission denied)"),
                                            (30, "/r/m.csv cannot be written (Read-only file system)")])

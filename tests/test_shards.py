@@ -1,8 +1,10 @@
 """Shards, bundles and merge (ood_lib.shards): what a merge refuses, and that a study run in shards on separate
 "machines" (results folders) and merged gives exactly the metrics.csv of the same study run in one piece."""
 import json
+import os
 import tarfile
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -178,7 +180,8 @@ TINY = {"data.train_size": 512, "data.id_val_size": 100, "data.id_test_size": 20
         "threads": 2}
 
 
-def test_merged_shards_equal_the_one_piece_run(machine, tmp_path):
+def test_merged_shards_equal_the_one_piece_run(machine, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "WEIGHTS_MAX_BYTES", 0)  # no weights in the bundles: machine B must re-train
     try:
         for name in ("cifar10", "tinyimagenet32"):
             load_dataset(name, "test" if name == "cifar10" else "val")
@@ -249,3 +252,89 @@ def test_the_authors_checkpoint_stages_and_notebook_06(machine):
     assert (hist[hist.model == "paper_um_ours"].gamma == ours["used"].iloc[0]).all() and ours["used"].iloc[0] > 0
     text = (out / "results/cifar10/notebooks/06_paper_checkpoint.ipynb").read_text()
     assert "The README's relative drop is 22.0%" in text
+
+
+# cifar10-cpu at a tiny scale: its five OOD sets (iSUN among them), the balanced subset, bf16 training on the CPU.
+TINY_CPU = {"data.train_size": 100, "data.id_val_size": 50, "data.id_test_size": 60, "data.ood_size": 20,
+            "model.options": {"width": 4, "blocks": [1, 1, 1, 1]}, "train.epochs": 2, "train.batch_size": 50,
+            "eval.batch_size": 128, "um.epochs": 1, "um.atypical_remove": 10, "um.curve_images": 40,
+            "um.curve_keep": [1.0, 0.965], "line.sweep_p_a": [0, 90], "line.sweep_p_w": [0, 90],
+            "line.sweep_tau_percentiles": [90, 100], "seeds": [0]}
+
+
+def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path):
+    """Every stage of cifar10-cpu for one seed in one shard command; the bundles record bf16 training and float32
+    evaluation, and merge on another machine into a seed that notebooks 01-04 can read."""
+    p = load_profile("cifar10-cpu", TINY_CPU)
+    machine("a")
+    first = ["base", "atypical", "gamma"]  # what reads every epoch of the base run: where it was trained
+    a = reproduce.run_shards("cifar10-cpu", first, [0], TINY_CPU, tmp_path / "bundles")
+    m = shards.manifest(p, "base", 0)
+    assert m["precision"] == {"training": "bf16-autocast", "evaluation": "fp32"}
+    assert m["weights"] and all(shards.manifest(p, s, 0).get("weights") is None for s in ("atypical", "gamma"))
+    rows = shards.read(p, "base", 0)["rows"]
+    assert set(rows.ood_set) - {""} == {"tinyimagenet32", "isun", "mnist", "fashion_mnist", "animal_mnist"}
+    assert set(rows.epoch.dropna().astype(int)) == {1, 2}
+    # machine B: the rest, from A's bundles alone; the base weights come in the base bundle, nothing is re-trained
+    machine("b")
+    rest = [s for s in stages.stages(p) if s not in first]
+    b = reproduce.run_shards("cifar10-cpu", rest, [0], TINY_CPU, tmp_path / "bundles", inputs=a)
+    for stage in ("um", "umap", "ft_ce", "posthoc_base"):
+        used = shards.manifest(p, stage, 0)["models_used"]["base"]
+        assert used["installed"] and used["match"] and not used["retrained"], (stage, used)
+    assert shards.manifest(p, "um", 0)["weights"]  # posthoc_um needs it: it travels too
+    assert shards.manifest(p, "ft_ce", 0).get("weights") is None  # nothing needs it
+    assert sorted(x.name.split("__")[1] for x in a + b) == sorted(stages.stages(p))
+    _same_tables_as_the_reference(p)
+    machine("merged")
+    shards.merge(p, a + b)
+    assert all(shards.ready_seeds(p, nb) == [0] for nb in ("01", "02", "03", "04"))
+
+
+REFERENCE = Path(__file__).parent / "data" / "cifar10_cpu_tiny_tables.json"
+
+
+def _same_tables_as_the_reference(p):
+    """The committed cifar10-cpu bundles were computed by one version of the library; a later version may be merged
+    with them only if it computes the same numbers (issue 17). This pins the SHA-256 of every table of the tiny run
+    above, as computed by the code of the committed bundles: a change that moves any CPU number fails here. On a
+    machine whose math kernels differ from the reference's (cpu_capability, oneDNN, torch), bit-identity is not
+    defined and only the tables' presence is checked. Regenerate with OOD_UPDATE_REFERENCE=1 only together with new
+    bundles."""
+    import torch
+    from ood_lib.results import machine_info
+
+    info = machine_info()
+    here = {"torch": torch.__version__, "cpu_capability": info["cpu_capability"], "onednn": info["onednn_version"],
+            "threads": torch.get_num_threads()}
+    got = {name: shards.manifest(p, name, 0)["tables"] for name in stages.stages(p)}
+    if os.environ.get("OOD_UPDATE_REFERENCE"):
+        REFERENCE.parent.mkdir(exist_ok=True)
+        REFERENCE.write_text(json.dumps({"machine": here, "tables": got}, indent=1, sort_keys=True) + "\n")
+    ref = json.loads(REFERENCE.read_text())
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in ref["tables"].items()}
+    if ref["machine"] == here:
+        changed = {f"{s}/{t}" for s in got for t in got[s] if got[s][t] != ref["tables"][s][t]}
+        assert not changed, f"this code computes other numbers than the code of the committed bundles: {changed}"
+
+
+def test_merge_refuses_a_seed_whose_stages_used_other_base_weights(machine, tmp_path):
+    """Issue 18: gamma measured on one base model and UM fine-tuned from a re-trained one that differs cannot be
+    merged into one seed without saying so."""
+    machine("a")
+    p = load_profile("smoke")
+    rows = {"rows": pd.DataFrame({"x": [1.0]})}
+    used = lambda d: {"base": {"digest": d, "recorded": "aaaa", "retrained": d != "aaaa", "match": d == "aaaa"}}
+    shards._write(p, "base", 0, rows, {"seconds": 1.0, "device": "cpu", "final_digest": "aaaa"})
+    shards._write(p, "gamma", 0, rows, {"seconds": 1.0, "device": "cpu", "models_used": used("aaaa")})
+    shards._write(p, "um", 0, rows, {"seconds": 1.0, "device": "cpu", "models_used": used("bbbb")})
+    bundles = [shards.pack(p, s, 0, tmp_path) for s in ("base", "gamma", "um")]
+    machine("b")
+    with pytest.raises(shards.ShardError, match=r"stage um of seed 0 used base weights bbbb.*aaaa.*allow-mixed-models"):
+        shards.merge(p, bundles)
+    assert not shards.done(p, "base", 0)  # refused before anything was written
+    shards.merge(p, bundles[:2])  # the consistent part merges
+    with pytest.raises(shards.ShardError, match="disagree"):  # and the other one is refused against what is here
+        shards.merge(p, bundles[2:])
+    shards.merge(p, bundles[2:], allow_mixed_models=True)
+    assert shards.done(p, "um", 0)

@@ -188,15 +188,53 @@ def test_training_on_the_gpu_paths_runs_in_bf16_and_channels_last(tmp_path, monk
                .state_dict().values())
 
 
-def test_extraction_on_the_gpu_paths_matches_float32(monkeypatch):
+def test_extraction_is_float32_on_the_gpu_paths_and_inside_an_autocast(monkeypatch):
+    """Evaluation never runs in bf16 (issue 18): with the CUDA-only fast paths switched on for the CPU, and even
+    inside an enclosing bf16 autocast, extract gives exactly the plain float32 forward pass."""
     from ood_lib import train as train_mod
     from ood_lib.features import extract
 
     x, _ = _data(n=40)
     model = _model().eval()
-    exact = extract(model, x, torch.device("cpu"), batch_size=16, amp=True)  # amp asked, but off on the CPU
+    with torch.no_grad():
+        f = model.features(x.float() / 255)
+        plain = {"features": f, "logits": model.fc(f)}
     monkeypatch.setattr(train_mod, "BF16_DEVICES", ("cuda", "cpu"))
-    fast = extract(model, x, torch.device("cpu"), batch_size=16, amp=True)
-    assert exact["logits"].dtype == fast["logits"].dtype == "float32"
-    rel = abs(fast["logits"] - exact["logits"]).max() / abs(exact["logits"]).max()
-    assert 0 < rel < 2e-2  # bf16 differs from float32, by bf16's precision only
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            rounded = model(x.float() / 255)
+        assert rounded.dtype == torch.bfloat16  # the autocast is really on around the call below
+        out = extract(model, x, torch.device("cpu"), batch_size=16)
+    for k in ("features", "logits"):
+        assert out[k].dtype == "float32"
+        assert abs(out[k] - plain[k].numpy()).max() <= 1e-5 * max(1.0, abs(plain[k].numpy()).max())
+    assert abs(rounded.float().numpy() - plain["logits"].numpy()).max() > 1e-4  # bf16 would have shown
+
+
+def test_cpu_bf16_is_a_profile_switch_for_training_only():
+    """train.cpu_bf16 turns bf16 autocast on for CPU training (cifar10-cpu); it means nothing on CUDA, where bf16
+    training is already on; train.bf16 false turns it off everywhere."""
+    from ood_lib.train import fast_paths, training_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast_paths(cpu, True, True, cpu_bf16=True) == (True, True)
+    assert fast_paths(cpu, False, True, cpu_bf16=True) == (False, True)
+    assert fast_paths(cuda, True, False, cpu_bf16=False) == (True, False)
+    assert training_precision(TrainConfig(cpu_bf16=True), cpu) == "bf16-autocast"
+    assert training_precision(TrainConfig(), cpu) == "fp32"
+    assert training_precision(TrainConfig(bf16=False), cuda) == "fp32"
+
+
+def test_cpu_bf16_training_runs_in_bf16_and_follows_float32(tmp_path):
+    x, y = _data()
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, crop_padding=2, flip=True)
+    exact = train(_model(), x, y, cfg, seed=0, run_dir=tmp_path / "fp32", device=torch.device("cpu"),
+                  log=lambda s: None)
+    model, seen = _model(), []
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    conv.register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    fast = train(model, x, y, dataclasses.replace(cfg, cpu_bf16=True), seed=0, run_dir=tmp_path / "bf16",
+                 device=torch.device("cpu"), log=lambda s: None)
+    assert seen and set(seen) == {torch.bfloat16}
+    for a, b in zip(exact, fast):
+        assert a["train_loss"] != b["train_loss"] and b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)

@@ -49,6 +49,7 @@ ANIMAL_MNIST_SHA256 = {
 SHARED_ARCHIVE_SHA256 = {
     "cifar10-jpeg.tar.gz": "391345aacfcc399589819f6b4db16237b27e6a454000e43a24f791706f355cb0",
     "tinyimagenet32-val-jpeg.tar.gz": "bbff316f884c127584d71f8db867aa8ad982900a7db89f472656bb05a7e0f59d",
+    "iSUN.tar.gz": "74c2d220910a65b495611601170a46fc093c26c543d66f7b843ef72954636ecc",   # ODIN's release, byte for byte
 }
 
 
@@ -165,13 +166,13 @@ def _idx_spec(name: str, idx: IdxFiles, download: str, hint: str, class_counts) 
 
 
 def _ood_folder_spec(name: str, roots: tuple[str, ...], archives: tuple[str, ...], count: int | None,
-                     where: str) -> DatasetSpec:
+                     where: str, sha256: Mapping[str, str] | None = None) -> DatasetSpec:
     """An OOD-only set given as an ImageFolder root (any of `roots`) or a .tar.gz of one (labels -1)."""
     split = {"test": ""}
     hint = (f"put the ImageFolder root {roots[0]}/ (or {archives[0]}) into $OOD_DATA_ROOT or "
             f"<OOD_DATA_DIR>/raw (default data/raw); it comes from {where}")
     return DatasetSpec(name, (ImageFolder(roots, split, labeled=False),
-                              TarImageFolder(archives, roots + ("",), split, labeled=False)),
+                              TarImageFolder(archives, roots + ("",), split, labeled=False, sha256=sha256 or {})),
                        {"test": count}, (32, 32, 3), None, "test", hint)
 
 
@@ -235,7 +236,9 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     _ood_folder_spec("lsun", ("LSUN", "lsun"), ("lsun.tar.gz", "LSUN.tar.gz"), 10000, _ODIN),
     _ood_folder_spec("lsun_resize", ("LSUN_resize", "lsun_resize"), ("lsun_resize.tar.gz", "LSUN_resize.tar.gz"),
                      10000, _ODIN),
-    _ood_folder_spec("isun", ("iSUN", "isun"), ("isun.tar.gz", "iSUN.tar.gz"), 8925, _ODIN),
+    _ood_folder_spec("isun", ("iSUN", "isun"), ("iSUN.tar.gz", "isun.tar.gz"), 8925,
+                     f"{_ODIN}; on the study machines {SHARED_DATA}/iSUN.tar.gz (export OOD_DATA_ROOT={SHARED_DATA})",
+                     SHARED_ARCHIVE_SHA256),
     _ood_folder_spec("places365", ("Places", "places365"), ("places365.tar.gz", "Places.tar.gz"), None,
                      "Places365 (http://places2.csail.mit.edu), e.g. the 10,000-image subset used by DICE/KNN"),
 ]}
