@@ -433,7 +433,8 @@ def read_provenance(path: Path) -> dict:
         return {}
 
 
-def _precision(profile, device) -> dict:
+def precision(profile, device) -> dict:
+    """What training and evaluation of ``profile`` run in on ``device`` (provenance and shard manifests)."""
     from ood_lib.features import EVAL_PRECISION
     from ood_lib.train import training_precision
     return {"training": training_precision(profile.train, torch.device(device)), "evaluation": EVAL_PRECISION}
@@ -449,7 +450,7 @@ def write_provenance(profile, notebook: str, device: torch.device | str, data_ch
         "packages": package_versions(),
         "platform": platform.platform(),
         "device": device_name(device),
-        "precision": _precision(profile, device),
+        "precision": precision(profile, device),
         "machine": machine_info(),
         "profile": profile.to_dict(),
         "seeds": list(profile.seeds),

@@ -38,7 +38,7 @@ from ood_lib import stages as stages_mod
 from ood_lib.atomic import atomic_write
 from ood_lib.config import Profile
 from ood_lib.paths import PROJECT_ROOT, results_dir
-from ood_lib.results import device_name, git_commit
+from ood_lib.results import device_name, git_commit, precision
 
 FORMAT = 1
 DIGEST_SECTIONS = ("data", "model", "train", "eval", "line", "um", "pretrained")
@@ -144,13 +144,6 @@ def _write(profile: Profile, stage: str, seed: int, tables: stages_mod.Tables, i
     with atomic_write(folder / MANIFEST, "w") as f:
         json.dump(m, f, indent=2, sort_keys=True, default=str)
     return m
-
-
-def precision(profile: Profile, device: torch.device) -> dict:
-    """What a stage's training and evaluation ran in on ``device`` (manifest and provenance)."""
-    from ood_lib.features import EVAL_PRECISION
-    from ood_lib.train import training_precision
-    return {"training": training_precision(profile.train, device), "evaluation": EVAL_PRECISION}
 
 
 def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int]) -> str:
