@@ -172,35 +172,12 @@ class StageJob(submitit.helpers.Checkpointable):
 
 # --- what to run ------------------------------------------------------------------------------------------------
 
-def needed_stages(profile, notebooks: list[str]) -> list[str]:
-    """The stages the given notebooks read (02-04 also compare with ``base``), with everything they depend on, in
-    the registry's dependency order."""
-    from ood_lib import stages as stages_mod
-    from ood_lib.reproduce import STAGED_NOTEBOOKS
-
-    registry = stages_mod.stages(profile)
-    wanted: set[str] = set()
-    for nb in notebooks:
-        if nb in STAGED_NOTEBOOKS:
-            wanted |= set(stages_mod.of_notebook(profile, nb))
-            if nb != "01" and "base" in registry:
-                wanted.add("base")
-    todo = list(wanted)
-    while todo:
-        s = registry[todo.pop()]
-        for dep in (*s.inputs, *s.models):
-            if dep not in wanted:
-                wanted.add(dep)
-                todo.append(dep)
-    return [name for name in registry if name in wanted]
-
-
 def units(profile, notebooks: list[str], per: str = "stage") -> list[Unit]:
     """The jobs of a study: one per (stage, seed), or one per seed."""
     from ood_lib import stages as stages_mod
 
     registry = stages_mod.stages(profile)
-    names = needed_stages(profile, notebooks)
+    names = stages_mod.needed_stages(profile, notebooks)
 
     def runs(name: str, seed: int) -> bool:  # a stage may run for some of the profile's seeds only
         s = registry[name]
@@ -340,14 +317,14 @@ class Study:
 
     def __init__(self, profile_name: str, notebooks: list[str] | None, overrides: dict, options: Options,
                  log: Callable[[str], None] = print):
-        from ood_lib.reproduce import plan
+        from ood_lib.stages import notebooks_to_run
 
         if options.executor not in EXECUTORS:
             raise ClusterError(f"executor {options.executor!r}: expected one of {EXECUTORS}")
         if options.max_retries < 0 or options.cpus_per_job < 1 or options.gpus_per_job < 0:
             raise ClusterError("--max-retries and --gpus-per-job must be >= 0, --cpus-per-job >= 1")
         self.options, self.overrides, self.log = options, dict(overrides), log
-        self.profile, paths = plan(profile_name, notebooks, overrides)
+        self.profile, paths = notebooks_to_run(profile_name, notebooks, overrides)
         self.notebooks = [p.name[:2] for p in paths]
         self.kind = options.executor
         if self.kind == "slurm" and not slurm_available():
@@ -451,10 +428,10 @@ class Study:
             self.log(f"all jobs of profile {p.name} done in {jobs_s:.1f} s")
             analysis_s = 0.0
             if o.analysis:
-                from ood_lib import reproduce
+                from ood_lib import execute
 
                 t1 = time.perf_counter()
-                reproduce.run(p.name, self.notebooks, self.overrides, compute=False)
+                execute.run(p.name, self.notebooks, self.overrides, compute=False)
                 analysis_s = time.perf_counter() - t1
                 self.log(f"analysis in {analysis_s:.1f} s: {results_dir(p.name) / 'metrics.csv'}")
             return {"jobs_s": jobs_s, "analysis_s": analysis_s, "attempts": len(self.attempts),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ood_lib import ash, detectors, progress
 from ood_lib.atomic import atomic_write
-from ood_lib.results import note_work
+from ood_lib.progress import note_work
 from ood_lib.train import as_channels_last, channels_last_eval
 
 # ITU-R BT.601 luma weights, for colour images fed to a grayscale model.

@@ -6,6 +6,8 @@ JupyterLab). Under ``python -m ood_lib.reproduce`` the notebook's kernel has no 
 sets ``OOD_PROGRESS`` to a file: each bar then appends one JSON line per update to it instead of drawing itself,
 and the runner draws the bars on its console from that file (``Follower``). The executed notebooks stay free of
 bar output. A bar with fewer than ``MIN_STEPS`` steps is not shown.
+
+The same loops count the work they computed or reused (``note_work``), which the notebooks' timings read.
 """
 from __future__ import annotations
 
@@ -19,6 +21,14 @@ from pathlib import Path
 ENV = "OOD_PROGRESS"
 MIN_STEPS = 2
 _ids = itertools.count()
+WORK = {"computed": 0, "reused": 0}   # counts since the process started (see note_work)
+
+
+def note_work(kind: str) -> None:
+    """Count a unit of work: ``"computed"`` (an epoch trained, a cache entry computed) or ``"reused"`` (a
+    finished run, a checkpoint or a cache entry reloaded). ``results.Timer.stage`` reads these counts to mark a
+    stage that only reloaded work as cached."""
+    WORK[kind] += 1
 
 
 class Bar:

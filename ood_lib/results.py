@@ -29,7 +29,7 @@ Nothing lost, nothing silently wrong:
 * **provenance.json** that does not parse is moved aside to ``provenance.json.damaged-<time>`` with a warning,
   and a fresh one is started (it is a record, not an input: nothing downstream depends on the lost entries).
 * **Timings of cached work.** A stage whose work only came from a cache is marked ``cached`` (the one column
-  added to STUDY's four). ``Timer.stage`` decides it from ``note_work``, which the training loop and the
+  added to STUDY's four). ``Timer.stage`` decides it from ``progress.note_work``, which the training loop and the
   feature cache call: a stage that reused a finished run, a checkpoint or a cache entry and computed nothing
   is cached; ``stage(name, cached=...)`` or ``add(..., cached=...)`` say it explicitly. When a notebook's rows
   are replaced, a cached row never replaces an earlier real measurement of the same stage: that one is kept.
@@ -55,7 +55,10 @@ import pandas as pd
 import torch
 
 from ood_lib.atomic import atomic_write, clean_stale_tmp
+from ood_lib.features import EVAL_PRECISION
 from ood_lib.paths import PROJECT_ROOT, results_dir
+from ood_lib.progress import WORK
+from ood_lib.train import training_precision
 
 try:
     import fcntl
@@ -235,15 +238,6 @@ def read_metrics(profile: str) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ timings
-WORK = {"computed": 0, "reused": 0}   # counts since the process started (see note_work)
-
-
-def note_work(kind: str) -> None:
-    """Count a unit of work: ``"computed"`` (an epoch trained, a cache entry computed) or ``"reused"`` (a
-    finished run, a checkpoint or a cache entry reloaded). ``Timer.stage`` reads these counts."""
-    WORK[kind] += 1
-
-
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -287,7 +281,7 @@ class Timer:
 
     @contextmanager
     def stage(self, name: str, cached: bool | None = None):
-        """Time the block. ``cached`` None: decided from ``note_work`` (reused something, computed nothing)."""
+        """Time the block. ``cached`` None: decided from ``progress.note_work`` (reused something, computed nothing)."""
         info = Stage(name, cached)
         before = dict(WORK)
         t0 = time.perf_counter()
@@ -435,8 +429,6 @@ def read_provenance(path: Path) -> dict:
 
 def precision(profile, device) -> dict:
     """What training and evaluation of ``profile`` run in on ``device`` (provenance and shard manifests)."""
-    from ood_lib.features import EVAL_PRECISION
-    from ood_lib.train import training_precision
     return {"training": training_precision(profile.train, torch.device(device)), "evaluation": EVAL_PRECISION}
 
 

@@ -146,9 +146,26 @@ def _write(profile: Profile, stage: str, seed: int, tables: stages_mod.Tables, i
     return m
 
 
-def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int]) -> str:
-    return (f"python -m ood_lib.reproduce --profile {profile.name} --stages {','.join(stages)} "
-            f"--seeds {','.join(str(s) for s in seeds)}")
+def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int], reads: Iterable[str] = (),
+            bundle_dir: Path | str | None = None) -> str:
+    """The shard command of ``stages``; ``reads``: the stages whose bundles (of each seed) it is given."""
+    seeds = list(seeds)
+    out = (f"python -m ood_lib.reproduce --profile {profile.name} --stages {','.join(stages)} "
+           f"--seeds {','.join(str(s) for s in seeds)}")
+    folder = Path(bundle_dir) if bundle_dir else Path("results") / profile.name / "bundles"
+    if bundle_dir:
+        out += f" --bundle-dir {folder}"
+    bundles = [str(folder / bundle_name(profile, r, seed)) for seed in seeds for r in reads]
+    return out + (f" --inputs {' '.join(bundles)}" if bundles else "")
+
+
+def shard_table(profile: Profile, seed: int = 0) -> str:
+    """The shards of one seed (``stages.shard_plan``) as the README's markdown table."""
+    plan = stages_mod.shard_plan(profile, seed)
+    lines = ["| # | stages | reads the bundles of |", "|---|---|---|"]
+    for i, (own, reads) in enumerate(plan, 1):
+        lines.append(f"| {i} | `{','.join(own)}` | {', '.join(reads) or '-'} |")
+    return "\n".join(lines)
 
 
 class Runner:

@@ -33,6 +33,9 @@ Stages of a profile (``stages(profile)``), in an order that respects both kinds 
                ``paper_um``, ``paper_um_ours``, ``paper_umap``, ``paper_ft_ce``
                                         UM at the authors' gamma and at ours, UMAP, and the CE control from it
                                         (only for ``um.paper_seeds``)
+
+Which notebooks, stages and pretrained checkpoints a run needs (``notebooks_to_run``, ``needed_stages``,
+``checkpoints_needed``) is decided here too, for the runner (``ood_lib.execute``) and the jobs (``ood_lib.cluster``).
 """
 from __future__ import annotations
 
@@ -45,10 +48,14 @@ import pandas as pd
 import torch
 
 from ood_lib import atypical, base, comparison, um
-from ood_lib.config import Profile
+from ood_lib.config import Profile, ProfileError, available_profiles, load_profile
 from ood_lib.models import load_pretrained, weights_digest
+from ood_lib.paths import PROJECT_ROOT
 from ood_lib.results import METRIC_COLUMNS
 from ood_lib.train import resolve_device
+
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+STAGED_NOTEBOOKS = ("01", "02", "03", "04", "06")  # the notebooks that read stages (and take the `compute` parameter)
 
 Tables = dict[str, pd.DataFrame]
 Read = Callable[[str], Tables]          # stage name -> that stage's tables for the same seed
@@ -119,10 +126,9 @@ def _base_checkpoint(ctx: Context, seed: int) -> Path:
 
 
 def _base_digest(ctx: Context, seed: int) -> str | None:
-    p = ctx.profile
-    if not (base.run_dir(p, seed) / f"epoch_{p.train.epochs:03d}.pt").exists():
+    if not _base_checkpoint(ctx, seed).exists():
         return None
-    return weights_digest(base.load_base(p, ctx.data, seed))
+    return weights_digest(base.load_base(ctx.profile, ctx.data, seed))
 
 
 def _base(ctx: Context, seed: int, read: Read) -> Tables:
@@ -310,3 +316,85 @@ def stages(profile: Profile) -> dict[str, Stage]:
 def of_notebook(profile: Profile, notebook: str) -> list[str]:
     """The stages whose tables ``notebook`` reads."""
     return [name for name, s in stages(profile).items() if s.notebook == notebook]
+
+
+CLAIMS_FIRST = ("01", "03", "04", "02", "06")  # the intermediate stage and UM first, the removal arms and 06 last
+
+
+def shard_plan(profile: Profile, seed: int) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The shard commands of one seed, in the order that answers notebooks 01 and 03 first: (stages, the stages of
+    the same seed whose bundles they read). A stage that trains starts a shard; a stage that only scores runs in
+    the shard of the model it scores (gamma, atypicality and rule B read every epoch of the base run, which stays
+    on the machine that trained it), or, scoring a pretrained model, in the first shard of its notebook."""
+    registry = {n: s for n, s in stages(profile).items() if seed in s.runs_for(profile)}
+    groups: dict[str, list[str]] = {}   # first stage of a shard -> its stages
+    home: dict[str, str] = {}           # stage -> first stage of its shard
+    for name, s in registry.items():
+        scored = next((m for m in s.models if m in home), None)
+        first_of_notebook = next((g for g in groups if registry[g].notebook == s.notebook), None)
+        lead = name if s.train is not None else scored or first_of_notebook or name
+        groups.setdefault(lead, []).append(name)
+        home[name] = lead
+    order = sorted(groups, key=lambda g: CLAIMS_FIRST.index(registry[g].notebook)
+                   if registry[g].notebook in CLAIMS_FIRST else len(CLAIMS_FIRST))
+    plan = []
+    for lead in order:
+        own = groups[lead]
+        reads = [d for n in own for d in (*registry[n].inputs, *registry[n].models) if d not in own]
+        plan.append((tuple(own), tuple(dict.fromkeys(reads))))
+    return plan
+
+
+# --- which notebooks, stages and checkpoints a run needs ---------------------------------------------------------
+
+def notebook_files() -> dict[str, Path]:
+    """'01' -> notebooks/01_intermediate_stage.ipynb, for every notebook present."""
+    return {p.name[:2]: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))}
+
+
+def notebooks_to_run(profile_name: str, notebooks: list[str] | None, overrides: dict) -> tuple[Profile, list[Path]]:
+    """Validate the profile, the overrides and the notebook numbers up front; return the profile and the notebooks
+    to run, in order (default: the profile's own list)."""
+    if profile_name not in available_profiles():
+        raise ProfileError(f"unknown profile {profile_name!r}; allowed: {available_profiles()}")
+    profile = load_profile(profile_name, overrides)
+    files = notebook_files()
+    wanted = notebooks or list(profile.notebooks)
+    unknown = [n for n in wanted if n not in files]
+    if unknown:
+        raise ProfileError(f"unknown notebook(s) {unknown}; allowed: {sorted(files)}")
+    return profile, [files[n] for n in sorted(wanted)]
+
+
+def needed_stages(profile: Profile, notebooks: list[str]) -> list[str]:
+    """The stages the given notebooks read (02-04 also compare with ``base``), with everything they depend on, in
+    the registry's dependency order."""
+    registry = stages(profile)
+    wanted: set[str] = set()
+    for nb in notebooks:
+        if nb in STAGED_NOTEBOOKS:
+            wanted |= set(of_notebook(profile, nb))
+            if nb != "01" and "base" in registry:
+                wanted.add("base")
+    todo = list(wanted)
+    while todo:
+        s = registry[todo.pop()]
+        for dep in (*s.inputs, *s.models):
+            if dep not in wanted:
+                wanted.add(dep)
+                todo.append(dep)
+    return [name for name in registry if name in wanted]
+
+
+def checkpoints_needed(profile: Profile, stage_names: list[str] | None = None) -> list[str]:
+    """The pretrained checkpoints (``models.PRETRAINED`` names) that the given stages, or the profile's notebooks,
+    load: notebook 00 and 04's ``profile.pretrained``, notebook 06's ``um.paper_checkpoint``."""
+    nbs = set(profile.notebooks)
+    wanted = []
+    if profile.pretrained and nbs & {"00", "04"}:
+        wanted += [n for n in profile.pretrained
+                   if stage_names is None or f"posthoc_{n}" in stage_names or "00" in nbs]
+    if profile.um.paper_checkpoint and "06" in nbs and (
+            stage_names is None or any(s.startswith("paper_") for s in stage_names)):
+        wanted.append(profile.um.paper_checkpoint)
+    return list(dict.fromkeys(wanted))

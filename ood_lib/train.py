@@ -36,10 +36,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ood_lib.atomic import atomic_write
 from ood_lib import progress
+from ood_lib.atomic import atomic_write
 from ood_lib.config import TrainConfig
-from ood_lib.results import note_work
+from ood_lib.progress import note_work
 
 CHECKPOINT_MAGIC = b"ood_lib-checkpoint sha256="
 HEADER_SIZE = len(CHECKPOINT_MAGIC) + 64 + 1   # magic, hex digest, newline: 91 bytes

@@ -5,7 +5,8 @@
 #      bash scripts/device_shard.sh um,posthoc_um 0 docs/results/cifar10/bundles/cifar10__{base,gamma}__seed0.tar.gz
 # Reads the data from .device/data and the checkpoints from .device/models (scripts/device_data.sh, carried), writes
 # one bundle per (stage, seed) and the log to $OUT (the device tool brings them back), and prints the GPU and the
-# time of each stage.
+# time of each stage. OOD_SET may hold profile overrides, e.g. OOD_SET='--set=train.epochs=2 --set=seeds=[0]' (split
+# at spaces, never globbed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stages="$1"; seeds="$2"; shift 2
@@ -18,6 +19,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 inputs=()
 [ $# -gt 0 ] && inputs=(--inputs "$@")
-set -o pipefail
+set -f  # OOD_SET is split at spaces, never globbed
 python3 -m ood_lib.reproduce --profile cifar10 ${OOD_SET:-} --stages "$stages" --seeds "$seeds" --bundle-dir "$out" \
   "${inputs[@]}" 2>&1 | tee "$out/log-${stages//,/-}-seed${seeds//,/-}.txt"

@@ -1,7 +1,7 @@
 """Fixtures shared by the test files."""
 import pytest
 
-from ood_lib import paths, reproduce
+from ood_lib import execute, paths
 
 # The raw-data root when OOD_DATA_ROOT is unset: the Makefile's rule (and .ci/run's), ../shared/data when it exists.
 SHARED_DATA = paths.PROJECT_ROOT.parent / "shared" / "data"
@@ -31,7 +31,7 @@ def smoke_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("OOD_RESULTS_DIR", str(out / "results"))
     mp.setenv("OOD_FIGURES_DIR", str(out / "figures"))
-    done = reproduce.run("smoke", ["01", "02", "03", "04", "05"])
+    done = execute.run("smoke", ["01", "02", "03", "04", "05"])
     yield out, done
     mp.undo()
 

@@ -4,7 +4,7 @@ The ``slurm`` fixture installs Debian's slurm-wlm and munge when absent (scripts
 ``make test``), starts ``munged``, ``slurmctld`` and ``slurmd`` for this machine with a generated slurm.conf in a
 temporary folder (own ports, own munge socket: nothing of the system's configuration is touched) and stops them
 afterwards. The tests submit a cut-down smoke profile and compare what the jobs leave in the shared folder with a
-run of ``reproduce.run`` of the same overrides in another folder. Where the machine cannot start Slurm (not root and
+run of ``execute.run`` of the same overrides in another folder. Where the machine cannot start Slurm (not root and
 no sudo, no apt, daemons that do not come up) the Slurm tests are skipped with the reason, as a warning too.
 """
 import csv
@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ood_lib import cluster, reproduce, shards, stages
+from ood_lib import cluster, execute, reproduce, shards, stages
 from ood_lib.config import load_profile
 from ood_lib.paths import PROJECT_ROOT
 
@@ -157,13 +157,13 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The cut-down study run in one piece by ``reproduce.run`` (the notebooks computing their stages)."""
+    """The cut-down study run in one piece by ``execute.run`` (the notebooks computing their stages)."""
     out = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OOD_RESULTS_DIR", str(out / "results"))
         mp.setenv("OOD_FIGURES_DIR", str(out / "figures"))
         t0 = time.perf_counter()
-        reproduce.run("smoke", NOTEBOOKS, TINY)
+        execute.run("smoke", NOTEBOOKS, TINY)
         print(f"reference run (in-process): {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -199,7 +199,7 @@ def _jobs_csv(shared: Path) -> list[dict]:
 
 def test_jobs_follow_the_stage_dependencies():
     p = load_profile("smoke", {**TINY, "seeds": [0, 1]})
-    names = cluster.needed_stages(p, ["03"])
+    names = stages.needed_stages(p, ["03"])
     assert names[0] == "base" and set(stages.of_notebook(p, "03")) == set(names) - {"base"}
     by_name = {(u.stages[0], u.seed): u for u in cluster.units(p, ["03"])}
     assert set(by_name) == {(s, k) for s in names for k in (0, 1)}
@@ -209,7 +209,7 @@ def test_jobs_follow_the_stage_dependencies():
     assert set(by_name["um", 0].needs) == {"gamma", "base"} and by_name["ft_ce", 0].needs == ("base",)
     per_seed = cluster.units(p, ["01", "03"], per="seed")
     assert [(u.seed, u.stages[0], u.needs) for u in per_seed] == [(0, "base", ()), (1, "base", ())]
-    assert cluster.needed_stages(p, ["01"]) == ["base"]
+    assert stages.needed_stages(p, ["01"]) == ["base"]
 
 
 def test_job_options_are_checked(capsys):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ood_lib import reproduce
+from ood_lib import execute, reproduce
 from ood_lib.config import load_profile
 from ood_lib.metrics import METRICS
 
@@ -194,7 +194,7 @@ def test_notebooks_02_03_05_without_the_diagnostics_reuse_every_table(smoke_run,
     monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / "copy/figures"))
     shard_root = tmp_path / "copy/results/smoke/shards"
     before = {f: f.stat().st_mtime_ns for f in shard_root.rglob("*") if f.is_file()}
-    reproduce.run("smoke", ["02", "03", "05"], {"um.global_arm": False, "um.gamma_sweep": []})
+    execute.run("smoke", ["02", "03", "05"], {"um.global_arm": False, "um.gamma_sweep": []})
     assert {f: f.stat().st_mtime_ns for f in shard_root.rglob("*") if f.is_file()} == before
 
     def shown(nb):
@@ -249,7 +249,7 @@ def test_notebook_00_scores_the_pretrained_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / "figures"))
     small = {"data.id_test_size": 400, "data.ood_size": 200, "data.id_val_size": 10,
              "um.curve_images": 60, "um.curve_keep": [0.965], "um.gallery_size": 1}  # gamma on 60 images, not 1,000
-    reproduce.run("cifar10-pretrained", ["00"], small)
+    execute.run("cifar10-pretrained", ["00"], small)
     m = pd.read_csv(tmp_path / "results/cifar10-pretrained/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
     acc = m[m.metric == "id_acc"].set_index("model")["value"]
     assert set(acc.index) == set(PRETRAINED)

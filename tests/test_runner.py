@@ -10,7 +10,8 @@ import re
 import nbformat
 import pytest
 
-from ood_lib import progress, reproduce
+from ood_lib import execute, progress, reproduce, stages
+from ood_lib.config import load_profile
 
 
 def _notebook(folder, name, *cells):
@@ -27,7 +28,7 @@ def notebooks(tmp_path, monkeypatch, machine):
     """The runner pointed at a folder of small notebooks (``smoke`` profile, results in a fresh folder)."""
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    monkeypatch.setattr(reproduce, "NOTEBOOK_DIR", folder)
+    monkeypatch.setattr(stages, "NOTEBOOK_DIR", folder)
     machine("m")
     return folder
 
@@ -97,10 +98,10 @@ def test_a_missing_checkpoint_is_refused_before_any_work(machine, monkeypatch, t
     err = capsys.readouterr().err
     assert "pretrained checkpoint 'um_densenet_cifar10'" in err and "um_densenet_cifar10_jan2023.state" in err
     assert "OOD_MODELS_ROOT" in err and err.rstrip().endswith("Nothing was run.")
-    p = reproduce.load_profile("cifar10")
-    assert reproduce.checkpoints_needed(p, ["base", "um"]) == []  # stages that load no checkpoint need none
-    assert reproduce.checkpoints_needed(p) == ["um_densenet_cifar10"]
-    assert set(reproduce.checkpoints_needed(reproduce.load_profile("cifar10-pretrained"))) == {
+    p = load_profile("cifar10")
+    assert stages.checkpoints_needed(p, ["base", "um"]) == []  # stages that load no checkpoint need none
+    assert stages.checkpoints_needed(p) == ["um_densenet_cifar10"]
+    assert set(stages.checkpoints_needed(load_profile("cifar10-pretrained"))) == {
         "dice_densenet100_cifar10", "um_densenet_cifar10"}
 
 
@@ -108,12 +109,12 @@ def test_a_missing_checkpoint_is_refused_before_any_work(machine, monkeypatch, t
                                            (13, "/r/m.csv cannot be written (Permission denied)"),
                                            (30, "/r/m.csv cannot be written (Read-only file system)")])
 def test_os_errors_are_explained(errno_, words):
-    message = reproduce.explain_os_error(errno_, "/r/m.csv", "notebook 01")
+    message = execute.explain_os_error(errno_, "/r/m.csv", "notebook 01")
     assert message.startswith("notebook 01: ") and words in message
 
 
 def test_other_os_errors_are_not_dressed_up():
-    assert reproduce.explain_os_error(2, "/r/m.csv", "x") is None
+    assert execute.explain_os_error(2, "/r/m.csv", "x") is None
 
 
 def test_bars_write_events_under_the_runner_and_the_follower_draws_them(tmp_path, monkeypatch):

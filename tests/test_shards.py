@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ood_lib import reproduce, shards, stages
+from ood_lib import execute, reproduce, shards, stages
 from ood_lib.config import load_profile
 from ood_lib.data import DatasetMissing, load_dataset
 
@@ -193,18 +193,18 @@ def test_merged_shards_equal_the_one_piece_run(machine, tmp_path, monkeypatch):
     rest = [s for s in stages.stages(p) if s not in first]
 
     one = machine("one-piece")
-    reproduce.run("cifar10", None, TINY)
+    execute.run("cifar10", None, TINY)
     # machine A: seed 0's base run and what needs its checkpoints
     machine("a")
-    a = reproduce.run_shards("cifar10", first, [0], TINY, tmp_path / "bundles")
+    a = execute.run_shards("cifar10", first, [0], TINY, tmp_path / "bundles")
     # machine B: the rest of seed 0, given A's bundles only: it re-trains the base model (same digest on CPU)
     machine("b")
-    b = reproduce.run_shards("cifar10", rest, [0], TINY, tmp_path / "bundles", inputs=a[:3])
+    b = execute.run_shards("cifar10", rest, [0], TINY, tmp_path / "bundles", inputs=a[:3])
     used = shards.manifest(p, "um", 0)["models_used"]["base"]
     assert used["retrained"] and used["match"], used
     # machine C: seed 1 in one command
     machine("c")
-    c = reproduce.run_shards("cifar10", list(stages.stages(p)), [1], TINY, tmp_path / "bundles")
+    c = execute.run_shards("cifar10", list(stages.stages(p)), [1], TINY, tmp_path / "bundles")
     merged = machine("merged")
     assert reproduce.main(["--profile", "cifar10", *sets, "--merge", *map(str, a + b + c)]) == 0
     assert not (merged / "results/cifar10/cache").exists()  # the analysis trained and scored nothing
@@ -236,7 +236,7 @@ def test_the_authors_checkpoint_stages_and_notebook_06(machine):
              "data.ood_sets": ["tinyimagenet32", "mnist"], "notebooks": ["06"], "eval.detectors": ["msp", "energy"],
              "eval.batch_size": 64, "train.batch_size": 24}
     out = machine("paper")
-    reproduce.run("cifar10", None, small)
+    execute.run("cifar10", None, small)
     p = load_profile("cifar10", small)
     assert [s for s in stages.stages(p)] == ["paper_start", "paper_gamma", "paper_um", "paper_um_ours",
                                              "paper_umap", "paper_ft_ce"]
@@ -268,7 +268,7 @@ def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path):
     p = load_profile("cifar10-cpu", TINY_CPU)
     machine("a")
     first = ["base", "atypical", "gamma"]  # what reads every epoch of the base run: where it was trained
-    a = reproduce.run_shards("cifar10-cpu", first, [0], TINY_CPU, tmp_path / "bundles")
+    a = execute.run_shards("cifar10-cpu", first, [0], TINY_CPU, tmp_path / "bundles")
     m = shards.manifest(p, "base", 0)
     assert m["precision"] == {"training": "bf16-autocast", "evaluation": "fp32"}
     assert m["weights"] and all(shards.manifest(p, s, 0).get("weights") is None for s in ("atypical", "gamma"))
@@ -278,7 +278,7 @@ def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path):
     # machine B: the rest, from A's bundles alone; the base weights come in the base bundle, nothing is re-trained
     machine("b")
     rest = [s for s in stages.stages(p) if s not in first]
-    b = reproduce.run_shards("cifar10-cpu", rest, [0], TINY_CPU, tmp_path / "bundles", inputs=a)
+    b = execute.run_shards("cifar10-cpu", rest, [0], TINY_CPU, tmp_path / "bundles", inputs=a)
     for stage in ("um", "umap", "ft_ce", "posthoc_base"):
         used = shards.manifest(p, stage, 0)["models_used"]["base"]
         assert used["installed"] and used["match"] and not used["retrained"], (stage, used)

@@ -1,0 +1,177 @@
+"""Execute the study: its notebooks headlessly with papermill (``run``), or some of its stages as a shard command
+that writes bundles (``run_shards``); and the checks and one-paragraph explanations around both.
+
+``ood_lib.reproduce`` is the command line over these; ``ood_lib.cluster`` calls ``run`` for the analysis after its
+jobs. Which notebooks, stages and checkpoints a run needs is decided in ``ood_lib.stages``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from ood_lib import progress, shards
+from ood_lib import stages as stages_mod
+from ood_lib.config import load_profile
+from ood_lib.data import DATASETS
+from ood_lib.models import PRETRAINED
+from ood_lib.paths import PROJECT_ROOT, data_dir, figures_dir, models_root, results_dir
+from ood_lib.report import write_report
+
+
+# papermill, zmq and traitlets are imported where notebooks run: a shard command (e.g. on a device machine, whose
+# image has none of them) needs only torch, numpy, pandas, PyYAML, Pillow and tqdm.
+
+def kernel_config():  # papermill's kernels: CurveZMQ-encrypted channels (no plain-TCP warning)
+    import zmq
+    from traitlets.config import Config
+    return Config(KernelManager={"transport_encryption": "auto" if zmq.has("curve") else "disabled"})
+
+
+class RunError(Exception):
+    """A run that cannot start or did not finish, explained in one paragraph (the runner prints it, no traceback)."""
+
+
+def preflight(profile, data: bool = True, stages: list[str] | None = None) -> None:
+    """Before any work: every folder the run writes is writable, and every data set the profile names and every
+    pretrained checkpoint its stages load is present (nothing is read). Raises ``RunError`` naming the folder, the
+    set or the file and the fix."""
+    for folder, var in [(results_dir(profile.name), "OOD_RESULTS_DIR"), (figures_dir(profile.name), "OOD_FIGURES_DIR"),
+                        (data_dir() / "cache", "OOD_DATA_DIR")]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise RunError(f"cannot write to {folder} ({e.strerror}). Make it writable, or set {var} to a folder "
+                           "you can write; nothing was run.") from None
+    if not data:
+        return
+    d = profile.data
+    needs = [(d.id_set, "train"), (d.id_set, "test")] + [(n, DATASETS[n].ood_split) for n in d.ood_sets]
+    missing = [m for m in (DATASETS[name].present(split) for name, split in needs) if m]
+    folder = models_root() or PROJECT_ROOT.parent / "shared" / "models"
+    for name in stages_mod.checkpoints_needed(profile, stages):
+        path = folder / PRETRAINED[name].filename
+        if not path.is_file():
+            missing.append(f"pretrained checkpoint {name!r}: {path} does not exist. Set OOD_MODELS_ROOT to the folder "
+                           f"that holds {PRETRAINED[name].filename} (on the study machines ../shared/models; on a "
+                           f"device machine .device/models, made by scripts/device_data.sh); it comes from "
+                           f"{PRETRAINED[name].source}.")
+    if missing:
+        raise RunError("\n".join(missing) + "\nNothing was run.")
+
+
+def explain_os_error(errno_: int | None, path: str | None, what: str) -> str | None:
+    """One paragraph for a full disk or a folder that cannot be written, or None for other errors."""
+    where = path or "a results file"
+    if errno_ in (errno.ENOSPC, errno.EDQUOT):
+        room = ""
+        try:
+            room = f" ({shutil.disk_usage(Path(where).parent).free / 1e9:.2f} GB free now)"
+        except OSError:
+            pass
+        return (f"{what}: no space left on the disk that holds {where}{room}. Free space there, or set "
+                "OOD_RESULTS_DIR (results, caches, checkpoints) to a disk with room, then run the same command "
+                "again: finished work is kept and an interrupted training resumes from its last checkpoint.")
+    if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{what}: {where} cannot be written ({os.strerror(errno_)}). Make it writable, or set "
+                "OOD_RESULTS_DIR / OOD_FIGURES_DIR to folders you can write, then run the same command again.")
+    return None
+
+
+def explain_notebook_failure(error, path: Path, executed: Path) -> str:
+    """The notebook, the cell, the exception and its message, and where the executed copy (full traceback) is."""
+    ename, evalue = getattr(error, "ename", type(error).__name__), getattr(error, "evalue", str(error))
+    what = f"notebook {path.name} failed"
+    found = re.match(r"\[Errno (\d+)\] [^:]*(?:: '(.*)')?", evalue or "")
+    known = explain_os_error(int(found.group(1)), found.group(2), what) if found else None
+    count = getattr(error, "exec_count", None)
+    where = f" at In [{count}]" if count else ""
+    body = known or f"{what}{where}: {ename}: {evalue}"
+    return f"{body}\nThe executed copy, with the full traceback, is {executed}"
+
+
+def _execute(profile, path: Path, out_dir: Path, parameters: dict) -> None:
+    """Run one notebook with papermill; its progress bars are drawn on this console (``ood_lib.progress``)."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    executed = out_dir / path.name
+    events = out_dir / f".progress-{path.stem}.jsonl"
+    follower = progress.started(events)
+    os.environ[progress.ENV] = str(events)
+    try:
+        papermill.execute_notebook(str(path), str(executed), cwd=str(stages_mod.NOTEBOOK_DIR), parameters=parameters,
+                                   progress_bar=False, log_output=False, config=kernel_config())
+    except PapermillExecutionError as e:
+        raise RunError(explain_notebook_failure(e, path, executed)) from None
+    except OSError as e:
+        raise RunError(explain_os_error(e.errno, e.filename, f"notebook {path.name}") or
+                       f"notebook {path.name}: {type(e).__name__}: {e}") from None
+    finally:
+        os.environ.pop(progress.ENV, None)
+        follower.stop()
+        events.unlink(missing_ok=True)
+
+
+def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict | None = None,
+        compute: bool = True) -> list[tuple[str, float]]:
+    """Execute the notebooks. With ``compute=False`` (the analysis after a merge) nothing is trained: each notebook
+    runs on the seeds whose stages are complete, and a notebook with none is skipped with a message."""
+
+    overrides = overrides or {}
+    profile, paths = stages_mod.notebooks_to_run(profile_name, notebooks, overrides)
+    out_dir = results_dir(profile.name) / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for i, path in enumerate(paths, 1):
+        nb = path.name[:2]
+        params = {"profile": profile.name, "overrides": overrides}
+        if nb in stages_mod.STAGED_NOTEBOOKS:
+            params["compute"] = compute
+        if not compute and nb in stages_mod.STAGED_NOTEBOOKS:
+            seeds = shards.ready_seeds(profile, nb)
+            if not seeds:
+                print(f"[{i}/{len(paths)}] {path.name}: no seed has all its stages; skipped", flush=True)
+                continue
+            params["overrides"] = {**overrides, "seeds": seeds}
+        print(f"[{i}/{len(paths)}] {path.name} on profile {profile.name} ...", flush=True)
+        t0 = time.perf_counter()
+        _execute(profile, path, out_dir, params)
+        seconds = time.perf_counter() - t0
+        done.append((path.name, seconds))
+        print(f"[{i}/{len(paths)}] {path.name} done in {seconds:.1f} s -> {out_dir / path.name}", flush=True)
+    total = sum(s for _, s in done)
+    print(f"profile {profile.name}: {len(done)} notebook(s) in {total:.1f} s")
+    t0 = time.perf_counter()
+    report = write_report(profile.name)
+    print(f"report: {report} ({report.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s")
+    return done
+
+
+def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, overrides: dict | None = None,
+               bundle_dir: Path | None = None, inputs: list[Path] = ()) -> list[Path]:
+    """A shard command: merge ``inputs``, run ``stages`` for ``seeds`` in this process, write one bundle each."""
+    profile = load_profile(profile_name, overrides or {})
+    if inputs:
+        shards.merge(profile, inputs)
+    runner = shards.Runner(profile)
+    for name in stages:
+        runner.stage(name)  # an unknown stage fails before any work
+    seeds = list(profile.seeds) if seeds is None else seeds
+    bundle_dir = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
+    order = [name for name in runner.registry if name in stages]
+    written = []
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for name in (n for n in order if seed in runner.stage(n).runs_for(profile)):
+            runner.tables(name, seed)
+            written.append(shards.pack(profile, name, seed, bundle_dir))
+            print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB)", flush=True)
+    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s")
+    return written

@@ -1,0 +1,147 @@
+"""The device rehearsal (issue 18): the working tree laid out the way a lent GPU machine receives it, and the
+commands that machine runs, here on the CPU at tiny overrides.
+
+What the device machine has, and so all this test gives the commands:
+  * the tracked (and untracked, not ignored) files of the checkout and the carried ``.device/`` (data and the
+    authors' checkpoints, from ``scripts/device_data.sh``); no ``../shared``, no ``.venv``, nothing pip-installed;
+  * its own Python with torch, torchvision, numpy, pandas, PyYAML, Pillow and tqdm (and what they require):
+    here this environment's interpreter started with ``-S`` (no site-packages) and a folder holding links to only
+    those distributions, so ``ood_lib``, papermill, submitit, Jupyter are NOT importable from outside the tree;
+  * a bare HOME and its own temporary folder.
+Every shard kind of the ``cifar10`` study (notebooks 01-04 and 06) must come back as bundles that ``--merge``
+accepts, and ``benchmarks/gpu_study.py --quick`` (with its worker processes) must run.
+"""
+import importlib.metadata as md
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ood_lib import shards
+from ood_lib import stages as stages_mod
+from ood_lib.config import load_profile
+from ood_lib.paths import PROJECT_ROOT
+
+DEVICE_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "PyYAML", "pillow", "tqdm")
+
+# cifar10 shrunk: 2 epochs on 256 images of a tiny net; notebook 06 fine-tunes the authors' DenseNet-BC-100 once
+TINY = {"data.train_size": 256, "data.id_val_size": 64, "data.id_test_size": 96, "data.ood_size": 64,
+        "data.ood_sets": ["tinyimagenet32", "mnist"],
+        "model.arch": "resnet_small", "model.options": {"width": 4, "blocks": [1, 1, 1]}, "train.epochs": 2,
+        "train.batch_size": 64, "eval.detectors": ["msp", "energy", "odin"], "eval.batch_size": 128,
+        "um.epochs": 1, "um.atypical_remove": 20, "um.curve_images": 64, "um.curve_keep": [1.0, 0.965],
+        "um.gamma_sweep": [], "line.sweep_p_a": [0, 90], "line.sweep_p_w": [0, 90],
+        "line.sweep_tau_percentiles": [90, 100], "seeds": [0], "threads": 2}
+
+def _distributions(names) -> list[md.Distribution]:
+    """The named distributions and everything they require (markers other than extras are not evaluated: a
+    requirement that is not installed here, e.g. Windows-only, is skipped)."""
+    seen, out, todo = set(), [], list(names)
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        out.append(dist)
+        todo += [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in dist.requires or [] if "extra ==" not in r]
+    return out
+
+
+def device_site(folder: Path) -> Path:
+    """A folder of links to the top-level modules of the device image's packages only."""
+    folder.mkdir(parents=True)
+    for dist in _distributions(DEVICE_PACKAGES):
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top.endswith((".dist-info", ".egg-info", ".pth")) or top in ("..", "__pycache__", "bin"):
+                continue
+            src, dst = Path(dist.locate_file(top)), folder / top
+            if src.exists() and not dst.exists():
+                dst.symlink_to(src)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    """The device machine's tree and environment, once for this module: (repo, env)."""
+    data_root = os.environ.get("OOD_DATA_ROOT", str(PROJECT_ROOT.parent / "shared" / "data"))
+    made = subprocess.run(["bash", "scripts/device_data.sh"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OOD_DATA_ROOT": data_root})
+    assert made.returncode == 0, f"scripts/device_data.sh failed:\n{made.stdout}\n{made.stderr}"
+    root = tmp_path_factory.mktemp("device")
+    repo = root / "repo"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = PROJECT_ROOT / rel
+        if src.is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    shutil.copytree(PROJECT_ROOT / ".device", repo / ".device")
+    assert not (root / "shared").exists() and not (repo / ".venv").exists()
+
+    bin_dir, home, tmp = root / "bin", root / "home", root / "tmp"
+    for d in (bin_dir, home, tmp):
+        d.mkdir()
+    python = bin_dir / "python3"  # the device's `python3`: this interpreter without any site-packages
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(tmp), "LANG": "C.UTF-8",
+           "PYTHONPATH": str(device_site(root / "site"))}
+    return repo, env
+
+
+def _python(env, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["python3", "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_the_device_python_has_the_image_packages_and_nothing_else(device):
+    repo, env = device
+    ok = _python(env, "import torch, torchvision, numpy, pandas, yaml, PIL, tqdm; print(torch.__version__)", repo.parent)
+    assert ok.returncode == 0, ok.stderr
+    for absent in ("ood_lib", "papermill", "submitit", "nbclient", "pytest"):
+        r = _python(env, f"import {absent}", repo.parent)  # outside the tree: only what the image has
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, (absent, r.stdout, r.stderr)
+
+
+def test_gpu_study_runs_with_its_workers(device):
+    repo, env = device
+    r = subprocess.run(["python3", "benchmarks/gpu_study.py", "--quick", "--processes", "1,2", "--epochs", "2"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es) sharing the device" in r.stdout, r.stdout
+
+
+def test_every_shard_kind_comes_back_as_bundles_that_merge(device, tmp_path, machine):
+    repo, env = device
+    out = tmp_path / "out"
+    sets = " ".join(f"--set={k}={json.dumps(v, separators=(',', ':'))}" for k, v in TINY.items())
+    profile = load_profile("cifar10", TINY)
+    bundles: dict[str, Path] = {}
+    for own, reads in stages_mod.shard_plan(profile, 0):  # the README's device table, row by row
+        stages = ",".join(own)
+        inputs = [str(bundles[s]) for s in reads]
+        r = subprocess.run(["bash", "scripts/device_shard.sh", stages, "0", *inputs], cwd=repo,
+                           env={**env, "OUT": str(out), "OOD_SET": sets}, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"shard {stages}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        for stage in stages.split(","):
+            path = out / f"cifar10__{stage}__seed0.tar.gz"
+            assert path.is_file(), f"shard {stages} wrote no bundle for {stage}:\n{r.stdout[-2000:]}"
+            bundles[stage] = path
+        assert (out / f"log-{stages.replace(',', '-')}-seed0.txt").is_file()
+    assert sorted(bundles) == sorted(stages_mod.stages(profile))
+    machine("merged")  # this machine, where what came back is checked and merged
+    shards.merge(profile, list(bundles.values()))
+    assert {nb: shards.ready_seeds(profile, nb) for nb in ("01", "02", "03", "04", "06")} == dict.fromkeys(
+        ("01", "02", "03", "04", "06"), [0])
