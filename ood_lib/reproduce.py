@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             table = shards.plan(profile)
             print(table.to_string(index=False))
-            done = set(zip(table.stage, table.seed)) - set(zip(table[~table.done].stage, table[~table.done].seed))
+            done = set(zip(table[table.done].stage, table[table.done].seed))
             for seed in profile.seeds:
                 for own, reads in stages_mod.shard_plan(profile, seed):
                     if not all((n, seed) in done for n in own):

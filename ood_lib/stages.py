@@ -330,7 +330,7 @@ def shard_plan(profile: Profile, seed: int) -> list[tuple[tuple[str, ...], tuple
     groups: dict[str, list[str]] = {}   # first stage of a shard -> its stages
     home: dict[str, str] = {}           # stage -> first stage of its shard
     for name, s in registry.items():
-        scored = next((m for m in s.models if m in home), None)
+        scored = next((home[m] for m in s.models if m in home), None)  # the shard of the model it scores
         first_of_notebook = next((g for g in groups if registry[g].notebook == s.notebook), None)
         lead = name if s.train is not None else scored or first_of_notebook or name
         groups.setdefault(lead, []).append(name)
