@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ood_lib import base, masking
+from ood_lib import base, features, masking
 from ood_lib.config import Profile, UMConfig
 from ood_lib.models import weights_digest
 from ood_lib.paths import cache_dir
@@ -86,14 +86,14 @@ def learning_dynamics(correct: np.ndarray) -> pd.DataFrame:
 
 
 def epoch_correctness(profile: Profile, data: base.StudyData, seed: int, device: torch.device) -> np.ndarray:
-    """bool (epochs, train images) from the checkpoints of notebook 01 (outputs through the feature cache)."""
+    """bool (epochs, train images) from the checkpoints of notebook 01 (bit vectors through the feature cache)."""
     model = base.build_model(profile, data)
     cache = base.feature_cache(profile)
     out = []
     for epoch in range(1, profile.train.epochs + 1):
         load_epoch(model, base.run_dir(profile, seed), epoch)
-        logits = base.train_outputs(profile, model, weights_digest(model), data, cache, device)["logits"]
-        out.append(logits.argmax(1) == data.train_labels.numpy())
+        out.append(features.correct(cache, model, weights_digest(model), data.train_images, data.train_labels.numpy(),
+                                    data.train_checksum, base.data_pre(profile), device, profile.eval.batch_size))
     return np.stack(out)
 
 

@@ -18,7 +18,7 @@ from ood_lib import stages as stages_mod
 from ood_lib.config import load_profile
 from ood_lib.data import DATASETS
 from ood_lib.models import PRETRAINED
-from ood_lib.paths import PROJECT_ROOT, data_dir, figures_dir, models_root, results_dir
+from ood_lib.paths import PROJECT_ROOT, data_dir, figures_dir, models_root, results_dir, run_bytes
 from ood_lib.report import write_report
 
 
@@ -167,11 +167,16 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
     bundle_dir = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
     order = [name for name in runner.registry if name in stages]
     written = []
-    t0 = time.perf_counter()
+    t0, start_bytes = time.perf_counter(), run_bytes(profile.name)
     for seed in seeds:
         for name in (n for n in order if seed in runner.stage(n).runs_for(profile)):
+            before = run_bytes(profile.name)
             runner.tables(name, seed)
             written.append(shards.pack(profile, name, seed, bundle_dir))
-            print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB)", flush=True)
-    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s")
+            grown = run_bytes(profile.name) - before
+            print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB); stage {name} seed {seed} "
+                  f"wrote {grown / 1e6:.1f} MB to the run's folders", flush=True)
+    grown = run_bytes(profile.name) - start_bytes
+    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s, "
+          f"{grown / 1e6:.1f} MB written under {results_dir(profile.name)}", flush=True)
     return written

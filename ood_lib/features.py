@@ -134,9 +134,10 @@ EVAL_PRECISION = "fp32"
 
 @torch.no_grad()
 def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-            batch_size: int = 1000) -> dict[str, np.ndarray]:
-    """Logits and penultimate features (float32, computed in float32 on every device) of uint8 images
-    (N, C, H, W), model in eval mode, channels-last for the pass (``train.channels_last_eval``)."""
+            batch_size: int = 1000, with_features: bool = True) -> dict[str, np.ndarray]:
+    """Logits and (unless ``with_features`` is False) penultimate features, float32 and computed in float32 on
+    every device, of uint8 images (N, C, H, W); model in eval mode, channels-last for the pass
+    (``train.channels_last_eval``). The logits are the same bits either way."""
     model.eval().to(device)
     logits, feats = [], []
     with channels_last_eval(model), progress.Bar(-(-images.shape[0] // batch_size), "extract", unit="batch",
@@ -147,9 +148,13 @@ def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
                 f = model.features(x)
                 z = model.fc(f)
             logits.append(z.float().cpu())
-            feats.append(f.float().cpu())
+            if with_features:
+                feats.append(f.float().cpu())
             bar.update()
-    return {"logits": torch.cat(logits).numpy(), "features": torch.cat(feats).numpy()}
+    out = {"logits": torch.cat(logits).numpy()}
+    if with_features:
+        out["features"] = torch.cat(feats).numpy()
+    return out
 
 
 def input_key(model: torch.nn.Module) -> list:
@@ -167,6 +172,31 @@ def outputs(cache: FeatureCache, model: torch.nn.Module, digest: str, images: to
     parts = {"what": "outputs", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
              "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
     return cache.get(parts, lambda: extract(model, images, device, batch_size))
+
+
+def logits(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
+           pre: Preprocess, device: torch.device, batch_size: int = 1000) -> np.ndarray:
+    """Cached logits alone: what the logit detectors need after every epoch. Their entry holds no features
+    (ResNet-18 on CIFAR-10: 10 floats an image instead of 522), so a 100-epoch run caches megabytes, not gigabytes."""
+    parts = {"what": "logits", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
+             "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
+    return cache.get(parts, lambda: extract(model, images, device, batch_size, with_features=False))["logits"]
+
+
+def correct(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, labels: np.ndarray,
+            checksum: str, pre: Preprocess, device: torch.device, batch_size: int = 1000) -> np.ndarray:
+    """Cached ``argmax(logits) == labels`` (bool, one per image), stored as a bit vector: the per-epoch
+    correctness of the training images that notebook 02's learning dynamics read."""
+    labels = np.asarray(labels)
+    parts = {"what": "correct", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
+             "labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest(), "precision": EVAL_PRECISION,
+             "device": device.type, "layout": "channels_last"}
+
+    def compute() -> dict[str, np.ndarray]:
+        z = extract(model, images, device, batch_size, with_features=False)["logits"]
+        return {"bits": np.packbits(z.argmax(1) == labels), "n": np.array(len(labels))}
+    out = cache.get(parts, compute)
+    return np.unpackbits(out["bits"], count=int(out["n"])).astype(bool)
 
 
 def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,

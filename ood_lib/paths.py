@@ -52,3 +52,9 @@ def figures_dir(profile: str) -> Path:
 def cache_dir(profile: str) -> Path:
     """Heavy artefacts of a profile: checkpoints and feature caches (git-ignored)."""
     return results_dir(profile) / "cache"
+
+
+def run_bytes(profile: str) -> int:
+    """Bytes of the files under a profile's results folder, its cache included (what a shard's stages write)."""
+    root = results_dir(profile)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.exists() else 0

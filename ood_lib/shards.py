@@ -66,6 +66,12 @@ def profile_digest(profile: Profile) -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def _git_commit() -> str:
+    """The checkout's commit as this process first asked for it (the manifests' ``git_commit``)."""
+    return git_commit()
+
+
+@functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """SHA-256 over the library's source files (path and content) as this process found them first: the code
     version a bundle was computed by."""
@@ -139,7 +145,7 @@ def _write(profile: Profile, stage: str, seed: int, tables: stages_mod.Tables, i
                                                              or pd.api.types.is_bool_dtype(table[c]))]
     m = {"format": FORMAT, "profile": profile.name, "profile_digest": profile_digest(profile),
          "config": {k: v for k, v in profile.to_dict().items() if k in DIGEST_SECTIONS},
-         "code_digest": code_digest(), "git_commit": git_commit(), "stage": stage, "seed": seed,
+         "code_digest": code_digest(), "git_commit": _git_commit(), "stage": stage, "seed": seed,
          "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, **info, "tables": digests, "text_columns": text}
     with atomic_write(folder / MANIFEST, "w") as f:
         json.dump(m, f, indent=2, sort_keys=True, default=str)
@@ -178,6 +184,7 @@ class Runner:
         self.log = log
         self._checked: dict[tuple[str, int], dict] = {}
         self._noted: set[tuple[str, int]] = set()
+        code_digest(), _git_commit()  # the code this process runs: read now, not when a stage ends hours later
 
     def stage(self, name: str) -> stages_mod.Stage:
         if name not in self.registry:

@@ -118,7 +118,8 @@ def _final_scores(ctx: Context, model: torch.nn.Module, model_name: str) -> pd.D
 # --- notebook 01 ------------------------------------------------------------------------------------------------
 
 def _base_train(ctx: Context, seed: int, read: Read) -> None:
-    base.train_seed(ctx.profile, ctx.data, seed, log=ctx.log)
+    """The weights alone, for stages that start from them on a machine whose base tables came in a bundle."""
+    base.train_seed(ctx.profile, ctx.data, seed, log=ctx.log, score_epochs=False)
 
 
 def _base_checkpoint(ctx: Context, seed: int) -> Path:

@@ -8,7 +8,7 @@ import torch
 
 from ood_lib import results
 from ood_lib.config import load_profile
-from ood_lib.features import FeatureCache, Preprocess, extract, outputs
+from ood_lib.features import FeatureCache, Preprocess, correct, extract, logits, outputs
 from ood_lib.models import resnet_small, weights_digest
 
 
@@ -45,6 +45,29 @@ def test_outputs_match_a_direct_forward_pass(tmp_path):
     assert o["features"].shape == (10, model.feature_dim)
     direct = extract(model, images, torch.device("cpu"), batch_size=3)  # same batches: bit-identical
     np.testing.assert_array_equal(direct["logits"], o["logits"])
+
+
+def test_per_epoch_entries_hold_logits_or_bits_only(tmp_path):
+    """Scoring after every epoch caches the logits alone, and the training images' correctness as a bit vector
+    (issue 18: 106 MB of features per ResNet-18 epoch otherwise); both equal what the full pass gives."""
+    torch.manual_seed(0)
+    model = resnet_small(num_classes=4, in_channels=1, width=4, blocks=(1, 1, 1)).eval()
+    images = torch.randint(0, 256, (13, 1, 12, 12), dtype=torch.uint8)
+    labels = np.arange(13) % 4
+    cache, pre, cpu, digest = FeatureCache(tmp_path), Preprocess(12, 1), torch.device("cpu"), weights_digest(model)
+    full = outputs(cache, model, digest, images, "sum", pre, cpu, batch_size=5)
+    z = logits(cache, model, digest, images, "sum", pre, cpu, batch_size=5)
+    np.testing.assert_array_equal(z, full["logits"])
+    ok = correct(cache, model, digest, images, labels, "sum", pre, cpu, batch_size=5)
+    assert ok.dtype == bool and np.array_equal(ok, full["logits"].argmax(1) == labels)
+    entries = {tuple(sorted(np.load(e).files)) for e in tmp_path.glob("*.npz")}
+    assert entries == {("__sha256__", "features", "logits"), ("__sha256__", "logits"), ("__sha256__", "bits", "n")}
+    bits = [np.load(e)["bits"] for e in tmp_path.glob("*.npz") if "bits" in np.load(e).files][0]
+    assert bits.dtype == np.uint8 and bits.shape == (2,)  # 13 images in 2 bytes
+    hits = cache.hits
+    assert np.array_equal(correct(cache, model, digest, images, labels, "sum", pre, cpu), ok) and cache.hits == hits + 1
+    other = correct(cache, model, digest, images, (labels + 1) % 4, "sum", pre, cpu)  # other labels: another entry
+    assert np.array_equal(other, full["logits"].argmax(1) == (labels + 1) % 4) and cache.hits == hits + 1
 
 
 def test_preprocess_converts_channels_and_size():

@@ -2,6 +2,7 @@
 "machines" (results folders) and merged gives exactly the metrics.csv of the same study run in one piece."""
 import json
 import os
+import re
 import tarfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -180,7 +181,7 @@ TINY = {"data.train_size": 512, "data.id_val_size": 100, "data.id_test_size": 20
         "threads": 2}
 
 
-def test_merged_shards_equal_the_one_piece_run(machine, tmp_path, monkeypatch):
+def test_merged_shards_equal_the_one_piece_run(machine, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shards, "WEIGHTS_MAX_BYTES", 0)  # no weights in the bundles: machine B must re-train
     try:
         for name in ("cifar10", "tinyimagenet32"):
@@ -196,7 +197,10 @@ def test_merged_shards_equal_the_one_piece_run(machine, tmp_path, monkeypatch):
     execute.run("cifar10", None, TINY)
     # machine A: seed 0's base run and what needs its checkpoints
     machine("a")
+    capsys.readouterr()
     a = execute.run_shards("cifar10", first, [0], TINY, tmp_path / "bundles")
+    said = capsys.readouterr().out
+    assert re.search(r"4 shard\(s\) of profile cifar10 in [\d.]+ s, [\d.]+ MB written under", said), said[-2000:]
     # machine B: the rest of seed 0, given A's bundles only: it re-trains the base model (same digest on CPU)
     machine("b")
     b = execute.run_shards("cifar10", rest, [0], TINY, tmp_path / "bundles", inputs=a[:3])
@@ -262,13 +266,17 @@ TINY_CPU = {"data.train_size": 100, "data.id_val_size": 50, "data.id_test_size":
             "line.sweep_tau_percentiles": [90, 100], "seeds": [0]}
 
 
-def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path):
+def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path, capsys):
     """Every stage of cifar10-cpu for one seed in one shard command; the bundles record bf16 training and float32
     evaluation, and merge on another machine into a seed that notebooks 01-04 can read."""
     p = load_profile("cifar10-cpu", TINY_CPU)
     machine("a")
     first = ["base", "atypical", "gamma"]  # what reads every epoch of the base run: where it was trained
     a = execute.run_shards("cifar10-cpu", first, [0], TINY_CPU, tmp_path / "bundles")
+    said = capsys.readouterr().out  # each stage and the command report the bytes they wrote
+    written = [float(x) for x in re.findall(r"stage \w+ seed 0 wrote ([\d.]+) MB to the run's folders", said)]
+    total = re.search(r"3 shard\(s\) of profile cifar10-cpu in [\d.]+ s, ([\d.]+) MB written under", said)
+    assert len(written) == 3 and written[0] > 0 and total and float(total.group(1)) >= sum(written) - 0.3, said[-2000:]
     m = shards.manifest(p, "base", 0)
     assert m["precision"] == {"training": "bf16-autocast", "evaluation": "fp32"}
     assert m["weights"] and all(shards.manifest(p, s, 0).get("weights") is None for s in ("atypical", "gamma"))
