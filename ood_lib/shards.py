@@ -46,9 +46,10 @@ DIGEST_SECTIONS = ("data", "model", "train", "eval", "line", "um", "pretrained")
 # switching one on reuses every table already computed.
 STAGE_SWITCHES = {"um": ("global_arm", "gamma_sweep")}
 MANIFEST = "manifest.json"
-# The final checkpoint of a model stage that other stages need travels in its bundle as WEIGHTS when it is at most
-# this large: the CPU profiles' nets (cifar10-cpu's ResNet-18 at width 16: 2.8 MB), not ResNet-18 (45 MB, more than
-# a device run can bring back in one file); those are re-trained where needed and their digest compared.
+# The final checkpoint of a model stage that other stages need travels beside its bundle, as
+# ``<bundle stem>.weights.pt`` (git-ignored: weights are not results), when it is at most this large: the CPU
+# profiles' nets (cifar10-cpu's ResNet-18 at width 24: 6.3 MB), not ResNet-18 (45 MB, more than a device run can
+# bring back in one file). A model whose weights did not come is re-trained where needed and its digest compared.
 WEIGHTS = "weights.pt"
 WEIGHTS_MAX_BYTES = 8 * 2**20
 
@@ -334,8 +335,14 @@ def bundle_name(profile: Profile, stage: str, seed: int) -> str:
     return f"{profile.name}__{stage}__seed{seed}.tar.gz"
 
 
+def weights_beside(bundle: Path) -> Path:
+    """Where the final weights of a bundle's model stage travel: beside it, never inside it."""
+    return bundle.with_name(bundle.name.removesuffix(".tar.gz") + ".weights.pt")
+
+
 def pack(profile: Profile, stage: str, seed: int, out_dir: Path) -> Path:
-    """Write the bundle of a finished shard into ``out_dir`` (same bytes for the same tables)."""
+    """Write the bundle of a finished shard into ``out_dir`` (same bytes for the same tables), and the final weights
+    it records, if any, beside it (``weights_beside``)."""
     m = manifest(profile, stage, seed)
     if m is None:
         raise ShardError(f"stage {stage!r} of seed {seed} has not run on profile {profile.name!r}: nothing to pack")
@@ -343,7 +350,7 @@ def pack(profile: Profile, stage: str, seed: int, out_dir: Path) -> Path:
     folder = shard_dir(profile, stage, seed)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in [MANIFEST] + sorted(f"{t}.csv" for t in m["tables"]) + ([WEIGHTS] if m.get("weights") else []):
+        for name in [MANIFEST] + sorted(f"{t}.csv" for t in m["tables"]):
             data = (folder / name).read_bytes()
             info = tarfile.TarInfo(f"{stage}/seed{seed}/{name}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -351,11 +358,15 @@ def pack(profile: Profile, stage: str, seed: int, out_dir: Path) -> Path:
     path = Path(out_dir) / bundle_name(profile, stage, seed)
     with atomic_write(path) as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
         gz.write(buf.getvalue())
+    if m.get("weights"):
+        with atomic_write(weights_beside(path)) as f:
+            f.write((folder / WEIGHTS).read_bytes())
     return path
 
 
 def _open_bundle(path: Path) -> tuple[dict, dict[str, bytes]]:
-    """The manifest and the files of a bundle, checked for completeness and integrity (nothing is extracted)."""
+    """The manifest and the files of a bundle, checked for completeness and integrity (nothing is extracted), with
+    the weights that came beside it (checked too; absent if they did not come)."""
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"bundle {path} does not exist")
@@ -381,7 +392,8 @@ def _open_bundle(path: Path) -> tuple[dict, dict[str, bytes]]:
         raise ShardError(f"bundle {path}: its folder {prefix!r} does not match its manifest "
                          f"(stage {m['stage']!r}, seed {m['seed']})")
     tables = {f"{prefix}/{t}.csv": d for t, d in m["tables"].items()}
-    if m.get("weights"):
+    if m.get("weights") and weights_beside(path).is_file():
+        files[f"{prefix}/{WEIGHTS}"] = weights_beside(path).read_bytes()
         tables[f"{prefix}/{WEIGHTS}"] = m["weights"]
     extra = sorted(set(files) - set(tables) - {f"{prefix}/{MANIFEST}"})
     if extra:

@@ -9,7 +9,7 @@ Two kinds of dependency:
   * ``inputs``: stages whose TABLES (of the same seed) this one reads, e.g. the removal arms read the per-image
     atypicality scores. Tables travel in bundles, so these stages may run anywhere.
   * ``models``: stages whose trained WEIGHTS this one needs on this machine, e.g. UM starts from the final base
-    model. The final checkpoint of a stage that others need travels in its bundle when it is small
+    model. The final checkpoint of a stage that others need travels beside its bundle when it is small
     (``shards.WEIGHTS_MAX_BYTES``: the CPU profiles' nets) and is put in place on the machine that merges it.
     Where it is missing (a larger net, e.g. ResNet-18 on a GPU), the weights are re-trained from the same recipe
     and seed and their digest is compared with the recorded one: equal on the same hardware and software, possibly

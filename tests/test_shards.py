@@ -280,6 +280,9 @@ def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path, capsys):
     m = shards.manifest(p, "base", 0)
     assert m["precision"] == {"training": "bf16-autocast", "evaluation": "fp32"}
     assert m["weights"] and all(shards.manifest(p, s, 0).get("weights") is None for s in ("atypical", "gamma"))
+    with tarfile.open(a[0]) as tar:  # the weights travel beside the bundle (git-ignored), never in it
+        assert not any(n.endswith(shards.WEIGHTS) for n in tar.getnames())
+    assert shards.weights_beside(a[0]).is_file() and not shards.weights_beside(a[1]).exists()
     rows = shards.read(p, "base", 0)["rows"]
     assert set(rows.ood_set) - {""} == {"tinyimagenet32", "isun", "mnist", "fashion_mnist", "animal_mnist"}
     assert set(rows.epoch.dropna().astype(int)) == {1, 2}
