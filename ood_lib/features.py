@@ -165,22 +165,28 @@ def input_key(model: torch.nn.Module) -> list:
     return [norm.mean.flatten().tolist(), norm.std.flatten().tolist()]
 
 
+def pass_key(what: str, model: torch.nn.Module, digest: str, checksum: str, pre: Preprocess, device: torch.device,
+             **extra) -> dict:
+    """The cache key of one evaluation pass: what it stores, the weights, the input normalisation, the source data,
+    the preprocessing, and the precision, device type and layout it was computed in (plus ``extra`` settings)."""
+    return {"what": what, "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(), **extra,
+            "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
+
+
 def outputs(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
             pre: Preprocess, device: torch.device, batch_size: int = 1000) -> dict[str, np.ndarray]:
     """Cached ``extract``: ``images`` are already preprocessed with ``pre``; ``checksum`` is the source data's. The key
     names the precision and the device type the outputs were computed in."""
-    parts = {"what": "outputs", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
-    return cache.get(parts, lambda: extract(model, images, device, batch_size))
+    return cache.get(pass_key("outputs", model, digest, checksum, pre, device),
+                     lambda: extract(model, images, device, batch_size))
 
 
 def logits(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
            pre: Preprocess, device: torch.device, batch_size: int = 1000) -> np.ndarray:
     """Cached logits alone: what the logit detectors need after every epoch. Their entry holds no features
     (ResNet-18 on CIFAR-10: 10 floats an image instead of 522), so a 100-epoch run caches megabytes, not gigabytes."""
-    parts = {"what": "logits", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
-    return cache.get(parts, lambda: extract(model, images, device, batch_size, with_features=False))["logits"]
+    return cache.get(pass_key("logits", model, digest, checksum, pre, device),
+                     lambda: extract(model, images, device, batch_size, with_features=False))["logits"]
 
 
 def correct(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, labels: np.ndarray,
@@ -188,9 +194,8 @@ def correct(cache: FeatureCache, model: torch.nn.Module, digest: str, images: to
     """Cached ``argmax(logits) == labels`` (bool, one per image), stored as a bit vector: the per-epoch
     correctness of the training images that notebook 02's learning dynamics read."""
     labels = np.asarray(labels)
-    parts = {"what": "correct", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest(), "precision": EVAL_PRECISION,
-             "device": device.type, "layout": "channels_last"}
+    parts = pass_key("correct", model, digest, checksum, pre, device,
+                     labels=hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest())
 
     def compute() -> dict[str, np.ndarray]:
         z = extract(model, images, device, batch_size, with_features=False)["logits"]
@@ -203,9 +208,7 @@ def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images
                 pre: Preprocess, device: torch.device, temperature: float, epsilon: float,
                 batch_size: int = 500) -> np.ndarray:
     """Cached ODIN scores (they need input gradients, so they cannot come from the logits cache)."""
-    parts = {"what": "odin", "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(),
-             "temperature": temperature, "epsilon": epsilon, "precision": EVAL_PRECISION, "device": device.type,
-             "layout": "channels_last"}
+    parts = pass_key("odin", model, digest, checksum, pre, device, temperature=temperature, epsilon=epsilon)
 
     def compute():
         model.eval().to(device)
@@ -233,9 +236,7 @@ def ash_score_table(cache: FeatureCache, model: torch.nn.Module, digest: str, im
     pairs as given."""
     configs = list(dict.fromkeys((v, p) for v, p in configs))
     ash.check(configs, site)
-    parts = {(v, p): {"what": "ash", "weights": digest, "norm": input_key(model), "data": checksum,
-                      "pre": pre.key(), "variant": v, "percentile": float(p), "site": site,
-                      "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
+    parts = {(v, p): pass_key("ash", model, digest, checksum, pre, device, variant=v, percentile=float(p), site=site)
              for v, p in configs}
     missing = [cfg for cfg in configs if not cache.path(parts[cfg]).exists()]
 
