@@ -95,6 +95,7 @@ class Stage:
     digest: Callable[[Context, int], str | None] | None = None
     checkpoint: Callable[[Context, int], Path] | None = None  # the final model's checkpoint file (model stages)
     seeds: tuple[int, ...] | None = None   # the seeds it runs for; None: every seed of the profile
+    epochs: Callable[[Profile], int] | None = None  # epochs it trains on base's training set at base's speed (plans)
 
     def runs_for(self, profile: Profile) -> list[int]:
         return [s for s in profile.seeds if self.seeds is None or s in self.seeds]
@@ -186,7 +187,7 @@ def _arm(arm: str) -> Stage:
         _drop_epochs(ctx, atypical.run_dir(ctx.profile, arm, idx, seed), set(), f"{arm} seed {seed}")
         return {"rows": rows, "history": _drop_log(history), "removed": pd.DataFrame({"image": idx})}
 
-    return Stage(arm, "02", compute, inputs=("atypical",), train=train)
+    return Stage(arm, "02", compute, inputs=("atypical",), train=train, epochs=lambda p: p.train.epochs)
 
 
 # --- notebook 03 ------------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None, gamma_stage: s
 
     return Stage(ft.name, notebook, compute, inputs=(gamma_stage,) if flooded_by_estimate else (),
                  models=() if ft.pretrained else ("base",), train=train, digest=digest, checkpoint=checkpoint,
-                 seeds=seeds)
+                 seeds=seeds, epochs=None if ft.pretrained else lambda p: p.um.epochs)
 
 
 # --- notebook 04 ------------------------------------------------------------------------------------------------
@@ -312,7 +313,8 @@ def stages(profile: Profile) -> dict[str, Stage]:
                     for name in names]
         return {s.name: s for s in out}
     if nbs & {"01", "02", "03", "04"}:
-        out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest, checkpoint=_base_checkpoint))
+        out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest, checkpoint=_base_checkpoint,
+                         epochs=lambda p: p.train.epochs))
     if "02" in nbs:
         out.append(Stage("atypical", "02", _atypical, models=("base",)))
         out += [_arm(arm) for arm in atypical.arms(profile.um)]
