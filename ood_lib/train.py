@@ -4,8 +4,9 @@ The whole training set sits on the device as uint8; each batch is gathered, conv
 (random crop with zero padding, horizontal flip), so no data loader is involved. Tensors are channels-last; on
 CUDA (and on the CPU where the profile sets ``train.cpu_bf16``) the forward pass runs in bf16 autocast. After every
 epoch the weights are written to ``run_dir/epoch_NNN.pt`` and the resume state to ``run_dir/state.pt``, both
-atomically; each epoch's weights digest (``models.weights_digest``) goes into the history. Everything random in epoch e (batch order, crops, flips, dropout) is drawn from a generator seeded by
-(seed, e), so a run resumed after an interruption gives exactly the weights of an uninterrupted one.
+atomically, and the weights digest (``models.weights_digest``) goes into the history. Everything random in epoch e
+(batch order, crops, flips, dropout) is drawn from a generator seeded by (seed, e), so a run resumed after an
+interruption gives exactly the weights of an uninterrupted one.
 
 Checkpoint files carry their own checksum. PyTorch checks nothing on load (a flipped bit loads as a different
 weight), so every file ``save_checkpoint`` writes is one header line, then the bytes of ``torch.save``::
