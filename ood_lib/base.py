@@ -265,8 +265,8 @@ def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str]
     torch.manual_seed(seed)
     model = build_model(profile, data)
     # a run whose epoch checkpoints are dropped afterwards records now what notebook 02 later reads of every epoch
-    on_epoch_end = (epoch_scorer(profile, data, feature_cache(profile), device, logit_detectors(profile), all_sets(data),
-                                 with_train_correct=not profile.keep_epoch_checkpoints)
+    on_epoch_end = (epoch_scorer(profile, data, feature_cache(profile), device, logit_detectors(profile),
+                                 all_sets(data), with_train_correct=not profile.keep_epoch_checkpoints)
                     if score_epochs else None)
     history = train(model, data.train_images, data.train_labels, profile.train, seed, run_dir(profile, seed),
                     device, on_epoch_end=on_epoch_end, log=log, name="base")
