@@ -25,11 +25,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ood_lib import base, features, masking
+from ood_lib import base, masking
 from ood_lib.config import Profile, UMConfig
-from ood_lib.models import weights_digest
 from ood_lib.paths import cache_dir
-from ood_lib.train import as_channels_last, channels_last_eval, load_epoch, train
+from ood_lib.train import as_channels_last, channels_last_eval, recorded_digests, train
 
 ARMS = {"no_atypical": "without the top-k atypical", "no_atypical_per_class": "without the top-k atypical, per class",
         "no_random": "without k random"}  # model names in metrics.csv
@@ -89,11 +88,12 @@ def epoch_correctness(profile: Profile, data: base.StudyData, seed: int, device:
     """bool (epochs, train images) from the checkpoints of notebook 01 (bit vectors through the feature cache)."""
     model = base.build_model(profile, data)
     cache = base.feature_cache(profile)
+    directory = base.run_dir(profile, seed)
+    digests = recorded_digests(directory)
     out = []
     for epoch in range(1, profile.train.epochs + 1):
-        load_epoch(model, base.run_dir(profile, seed), epoch)
-        out.append(features.correct(cache, model, weights_digest(model), data.train_images, data.train_labels.numpy(),
-                                    data.train_checksum, base.data_pre(profile), device, profile.eval.batch_size))
+        with base.epoch_weights(model, directory, epoch, digests, cache) as digest:
+            out.append(base.train_correct(profile, model, digest, data, cache, device))
     return np.stack(out)
 
 

@@ -11,10 +11,11 @@ Held-out data, so that an epoch can be chosen without looking at test OOD data:
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,10 +25,10 @@ from ood_lib import epochs, metrics
 from ood_lib.config import Profile
 from ood_lib.data import DATASETS, ImageArrays, load_dataset
 from ood_lib.detectors import LOGIT_DETECTORS
-from ood_lib.features import FeatureCache, Preprocess, logits, odin_scores, outputs
+from ood_lib.features import FeatureCache, Preprocess, correct, logits, odin_scores, outputs
 from ood_lib.models import ARCHITECTURES, weights_digest
 from ood_lib.paths import cache_dir
-from ood_lib.train import load_epoch, resolve_device, train
+from ood_lib.train import CheckpointDamaged, load_epoch, recorded_digests, resolve_device, train
 
 NOTEBOOK = "01"
 
@@ -166,6 +167,14 @@ def train_outputs(profile: Profile, model: torch.nn.Module, digest: str, data: S
     return {**out, "labels": data.train_labels.numpy()}
 
 
+def train_correct(profile: Profile, model: torch.nn.Module, digest: str, data: StudyData, cache: FeatureCache,
+                  device: torch.device) -> np.ndarray:
+    """Cached correctness (bool, one per image) of the ID training images without augmentation: the per-epoch
+    record notebook 02's learning dynamics read."""
+    return correct(cache, model, digest, data.train_images, data.train_labels.numpy(), data.train_checksum,
+                   data_pre(profile), device, profile.eval.batch_size)
+
+
 def all_sets(data: StudyData) -> list[EvalSet]:
     return [data.id_test, data.id_val, *data.ood_test.values(), *data.ood_val.values()]
 
@@ -180,16 +189,19 @@ def logit_detectors(profile: Profile) -> tuple[str, ...]:
 
 
 def epoch_scorer(profile: Profile, data: StudyData, cache: FeatureCache, device: torch.device,
-                 detectors: tuple[str, ...], sets: list[EvalSet] | None = None) -> Callable[[int, torch.nn.Module], dict]:
+                 detectors: tuple[str, ...], sets: list[EvalSet] | None = None,
+                 with_train_correct: bool = False) -> Callable[[int, torch.nn.Module], dict]:
     """An ``on_epoch_end`` for ``train``: scores ``sets`` (default: the test sets) with ``detectors`` into the cache
-    and returns the weights digest and the two numbers the training log prints (ID test accuracy, mean test FPR95
-    of the selection detector)."""
+    (and the training images' correctness, with ``with_train_correct``) and returns the weights digest and the two
+    numbers the training log prints (ID test accuracy, mean test FPR95 of the selection detector)."""
     sets = test_sets(data) if sets is None else sets
 
     def on_epoch_end(epoch: int, m: torch.nn.Module) -> dict:
         t0 = time.perf_counter()
         digest = weights_digest(m)
         scored = score_sets(profile, m, digest, sets, cache, device, detectors)
+        if with_train_correct:
+            train_correct(profile, m, digest, data, cache, device)
         sel = profile.eval.selection_detector
         id_test = scored[(data.id_test.name, "test")]
         fpr = [metrics.fpr95(id_test["scores"][sel], scored[(name, "test")]["scores"][sel])
@@ -200,14 +212,41 @@ def epoch_scorer(profile: Profile, data: StudyData, cache: FeatureCache, device:
     return on_epoch_end
 
 
+@contextlib.contextmanager
+def epoch_weights(model: torch.nn.Module, directory: Path, epoch: int, digests: dict[int, str],
+                  cache: FeatureCache) -> Iterator[str]:
+    """The weights digest of ``epoch`` of the run in ``directory``, for cache keys; inside, the first pass the cache
+    has to compute loads that checkpoint into ``model`` first (and checks its digest), so that cached passes need
+    no checkpoint (``train.drop_checkpoints``). ``digests``: the run's ``train.recorded_digests``; an epoch without
+    one (a run trained before digests were recorded) is loaded at once."""
+    digest = digests.get(epoch)
+    if digest is None:
+        load_epoch(model, directory, epoch)
+        yield weights_digest(model)
+        return
+
+    def load() -> None:
+        load_epoch(model, directory, epoch)
+        found = weights_digest(model)
+        if found != digest:
+            raise CheckpointDamaged(f"the checkpoint of epoch {epoch} in {directory} holds weights with digest "
+                                    f"{found}, but its run recorded {digest} for that epoch; remove {directory} "
+                                    f"and run again")
+
+    with cache.weights_on_miss(load):
+        yield digest
+
+
 def evaluate_epochs(profile: Profile, data: StudyData, model: torch.nn.Module, directory: Path,
                     epochs: list[int], model_name: str, notebook: str, seed: int, cache: FeatureCache,
                     device: torch.device, detectors: tuple[str, ...]) -> pd.DataFrame:
-    """Test-split metric rows of the checkpoints ``epochs`` of a run in ``directory``, loaded into ``model``."""
+    """Test-split metric rows of the checkpoints ``epochs`` of a run in ``directory`` (loaded into ``model`` only
+    where a pass is not cached)."""
     rows = []
+    digests = recorded_digests(directory)
     for epoch in epochs:
-        load_epoch(model, directory, epoch)
-        scored = score_sets(profile, model, weights_digest(model), test_sets(data), cache, device, detectors)
+        with epoch_weights(model, directory, epoch, digests, cache) as digest:
+            scored = score_sets(profile, model, digest, test_sets(data), cache, device, detectors)
         rows += metric_rows(profile, scored, data, seed, epoch, model_name, notebook, splits=("test",))
     return pd.DataFrame(rows)
 
@@ -225,7 +264,9 @@ def train_seed(profile: Profile, data: StudyData, seed: int, log: Callable[[str]
         torch.set_num_threads(profile.threads)
     torch.manual_seed(seed)
     model = build_model(profile, data)
-    on_epoch_end = (epoch_scorer(profile, data, feature_cache(profile), device, logit_detectors(profile), all_sets(data))
+    # a run whose epoch checkpoints are dropped afterwards records now what notebook 02 later reads of every epoch
+    on_epoch_end = (epoch_scorer(profile, data, feature_cache(profile), device, logit_detectors(profile),
+                                 all_sets(data), with_train_correct=not profile.keep_epoch_checkpoints)
                     if score_epochs else None)
     history = train(model, data.train_images, data.train_labels, profile.train, seed, run_dir(profile, seed),
                     device, on_epoch_end=on_epoch_end, log=log, name="base")
@@ -241,18 +282,20 @@ def evaluate_run(profile: Profile, data: StudyData, seed: int, cache: FeatureCac
     model = build_model(profile, data)
     cache = cache or feature_cache(profile)
     sets = all_sets(data)
+    directory = run_dir(profile, seed)
+    digests = recorded_digests(directory)
     rows = []
     for epoch in range(1, profile.train.epochs + 1):
-        load_epoch(model, run_dir(profile, seed), epoch)
-        scored = score_sets(profile, model, weights_digest(model), sets, cache, device, logit_detectors(profile))
+        with epoch_weights(model, directory, epoch, digests, cache) as digest:
+            scored = score_sets(profile, model, digest, sets, cache, device, logit_detectors(profile))
         rows += metric_rows(profile, scored, data, seed, epoch, "base", NOTEBOOK)
     costly = tuple(d for d in profile.eval.detectors if d not in LOGIT_DETECTORS)
     if costly:
         sel = profile.eval.selection_detector
         picks = epochs.selected_epochs(pd.DataFrame(rows)).set_index("detector").loc[sel]
         for epoch in sorted({int(picks[rule]) for rule in epochs.RULES}):
-            load_epoch(model, run_dir(profile, seed), epoch)
-            scored = score_sets(profile, model, weights_digest(model), sets, cache, device, costly)
+            with epoch_weights(model, directory, epoch, digests, cache) as digest:
+                scored = score_sets(profile, model, digest, sets, cache, device, costly)
             rows += [r for r in metric_rows(profile, scored, data, seed, epoch, "base", NOTEBOOK)
                      if r["metric"] != "id_acc"]
     return pd.DataFrame(rows)

@@ -128,6 +128,10 @@ class Profile:
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"                   # auto | cpu | cuda
     threads: int | None = None             # torch CPU threads; None = torch's default
+    # False: once a model stage has scored every epoch of a run into the feature cache, the run keeps only the epoch
+    # checkpoints the study reads weights from again (the last, the selection rules' epochs, rule B's), not all
+    # 100 (ResNet-18: 45 MB each). Only disk changes; no table does.
+    keep_epoch_checkpoints: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

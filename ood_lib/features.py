@@ -11,6 +11,7 @@ Entries written before the checksum existed are still used (the zip CRC checks t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -65,6 +66,26 @@ class FeatureCache:
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        self._on_miss: Callable[[], None] | None = None
+
+    @contextlib.contextmanager
+    def weights_on_miss(self, load: Callable[[], None]):
+        """Inside, the first entry that has to be computed calls ``load()`` first: keys name weights by a recorded
+        digest, and ``load`` puts those weights into the model (a run's dropped epochs are answered from the cache
+        alone; only a miss reads a checkpoint)."""
+        if self._on_miss is not None:
+            raise RuntimeError("weights_on_miss does not nest")
+        self._on_miss = load
+        try:
+            yield
+        finally:
+            self._on_miss = None
+
+    def before_compute(self) -> None:
+        """Called before any entry is computed: runs the pending ``weights_on_miss`` load, once."""
+        load, self._on_miss = self._on_miss, None
+        if load is not None:
+            load()
 
     @staticmethod
     def key(parts: dict) -> str:
@@ -85,6 +106,7 @@ class FeatureCache:
                 warnings.warn(f"feature cache entry {path} is damaged ({type(e).__name__}: {e}); "
                               f"removed and recomputed", stacklevel=2)
                 path.unlink(missing_ok=True)
+        self.before_compute()
         out = compute()
         self.misses += 1
         note_work("computed")
@@ -244,6 +266,8 @@ def ash_score_table(cache: FeatureCache, model: torch.nn.Module, digest: str, im
         with channels_last_eval(model):
             return ash.energy_table(model, images, device, pairs, site, batch_size)
 
+    if missing:
+        cache.before_compute()
     fresh = table(missing) if missing else {}
 
     def compute(cfg):

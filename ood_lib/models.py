@@ -368,8 +368,13 @@ def load_pretrained(name: str, root: str | Path | None = None) -> Classifier:
 
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 over the state_dict (sorted by name): each tensor's name, dtype, shape and raw bytes, on CPU."""
+    return state_digest(model.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """``weights_digest`` of a state_dict itself (e.g. the weights a checkpoint holds)."""
     h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
+    for key, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

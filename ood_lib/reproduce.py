@@ -15,6 +15,8 @@
     python -m ood_lib.reproduce --profile cifar10 --plan [--bundle-dir DIR]
         every (stage, seed) of the profile: done or not; then the command of each shard still to run, in the
         order that answers notebooks 01 and 03 first, with the bundles it reads (``stages.shard_plan``).
+        With --device-minutes M: those shards as lent-GPU commands (scripts/device_shard.sh) of at most M minutes
+        each where they can be, sized from the stages measured here on a GPU (``shards.device_plan``).
 
 Executed notebooks go to ``results/<profile>/notebooks/``. The profile and every ``--set`` override are validated
 before any work (an unknown name fails with the allowed names listed), and so are the output folders (writable)
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--stages", default=None, help="shard command: comma-separated stages to run (see --plan)")
     mode.add_argument("--merge", nargs="+", type=Path, metavar="BUNDLE", help="merge bundles, then run the analysis")
     mode.add_argument("--plan", action="store_true", help="list every (stage, seed) of the profile and its status")
+    ap.add_argument("--device-minutes", type=float, default=None, metavar="M",
+                    help="with --plan: print the shards still to run as lent-GPU commands of at most M minutes where "
+                         "the stages measured here say they fit")
     ap.add_argument("--seeds", default=None, help="with --stages: comma-separated seeds (default: the profile's)")
     ap.add_argument("--bundle-dir", type=Path, default=None, help="with --stages: where bundles go; with --plan: "
                     "where the printed commands put and read them (default: results/<profile>/bundles)")
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in _list(args.seeds)] if args.seeds else None
         if (args.seeds or args.inputs) and not args.stages or args.bundle_dir and not (args.stages or args.plan):
             raise ProfileError("--seeds and --inputs go with --stages, --bundle-dir with --stages or --plan")
+        if args.device_minutes is not None and (not args.plan or args.device_minutes <= 0):
+            raise ProfileError(f"--device-minutes {args.device_minutes}: a positive number of minutes, with --plan")
         if seeds is not None and set(seeds) - set(profile.seeds):
             raise ProfileError(f"--seeds {seeds}: profile {profile.name!r} has seeds {list(profile.seeds)}")
         if args.stages:
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             table = shards.plan(profile)
             print(table.to_string(index=False))
             done = set(zip(table[table.done].stage, table[table.done].seed))
+            if args.device_minutes is not None:
+                _print_device_plan(profile, done, args.device_minutes, args.bundle_dir)
+                return 0
             for seed in profile.seeds:
                 for own, reads in stages_mod.shard_plan(profile, seed):
                     if not all((n, seed) in done for n in own):
@@ -192,6 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+def _print_device_plan(profile, done: set, minutes: float, bundle_dir: Path | None) -> None:
+    from ood_lib import shards
+    for seed in profile.seeds:
+        for piece in shards.device_plan(profile, seed, minutes * 60):
+            if all((n, seed) in done for n in piece.stages):
+                continue
+            size = "size unknown" if piece.seconds is None else f"~{piece.seconds / 60:.1f} min"
+            verdict = "" if piece.fits(minutes * 60) else f", DOES NOT FIT {minutes:g} min"
+            warm = "; on the machine of the command above, while it is warm" if piece.warm else ""
+            print(f"# seed {seed}, row {piece.row}: {size}{verdict} ({piece.basis}){warm}")
+            print(shards.device_command(profile, piece.stages, seed, piece.reads, bundle_dir))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -164,6 +165,14 @@ def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int], reads
         out += f" --bundle-dir {folder}"
     bundles = [str(folder / bundle_name(profile, r, seed)) for seed in seeds for r in reads]
     return out + (f" --inputs {' '.join(bundles)}" if bundles else "")
+
+
+def device_command(profile: Profile, stages: Iterable[str], seed: int, reads: Iterable[str] = (),
+                   bundle_dir: Path | str | None = None) -> str:
+    """``command`` as run on a lent GPU machine (``scripts/device_shard.sh``: the carried data, bundles to $OUT)."""
+    folder = Path(bundle_dir) if bundle_dir else Path("results") / profile.name / "bundles"
+    bundles = [str(folder / bundle_name(profile, r, seed)) for r in reads]
+    return " ".join(["bash scripts/device_shard.sh", ",".join(stages), str(seed), *bundles])
 
 
 def shard_table(profile: Profile, seed: int = 0) -> str:
@@ -516,6 +525,85 @@ def plan(profile: Profile) -> pd.DataFrame:
                          "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
                          "needs tables of": ",".join(s.inputs), "needs weights of": ",".join(s.models)})
     return pd.DataFrame(rows)
+
+
+# A device command's start-up beyond its stages (Python and torch import, data decoding, CUDA context): an allowance,
+# not a measurement (the device tool's wall_s includes it; stage seconds do not).
+STARTUP_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One device command of a seed's shard plan, sized to a time budget (``device_plan``)."""
+    row: int                   # the row of ``stages.shard_plan`` it comes from (1-based)
+    stages: tuple[str, ...]
+    reads: tuple[str, ...]     # the stages whose bundles it is given
+    seconds: float | None      # estimated, start-up included; None where no measurement sizes one of its stages
+    basis: str                 # how the estimate was made
+    warm: bool                 # reads the run folders the piece before it left: the same, still warm, machine
+
+    def fits(self, budget_s: float) -> bool:
+        return self.seconds is not None and self.seconds <= budget_s
+
+
+def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
+    """The shard plan of ``seed`` cut into device commands of at most ``budget_s`` seconds where it can be.
+
+    Sizes come from the stages measured here on a GPU (manifests of any seed, after ``--merge``; the median per
+    stage): a stage measured is taken as it ran; one that trains ``Stage.epochs`` on the base model's training set
+    is scaled from ``base``'s seconds per epoch (its per-epoch scoring included); one that trains nothing is sized
+    as a measured one of its notebook that trains nothing either (``posthoc_um`` as ``posthoc_base``); anything else
+    is unsized. A row
+    that starts from a model whose final weights did not travel with its bundle (ResNet-18: 45 MB) re-trains it
+    first: that model's measured training seconds are added. A row longer than the budget is cut between stages;
+    the later pieces read the run folders of the first, so they must run on the same machine while it is warm.
+    A single stage longer than the budget stays one piece that does not fit (``Piece.fits``)."""
+    registry = stages_mod.stages(profile)
+    gpu = [(name, s) for name, s in plan(profile).query("done")[["stage", "seed"]].itertuples(index=False)
+           if not str(manifest(profile, name, s)["device"]).startswith("cpu")]
+    measured = pd.DataFrame([{"stage": n, "seed": s, "seconds": manifest(profile, n, s)["seconds"]} for n, s in gpu],
+                            columns=["stage", "seed", "seconds"]).groupby("stage")["seconds"].median().to_dict()
+    base_epochs = registry["base"].epochs(profile) if "base" in registry else None
+    per_epoch = measured["base"] / base_epochs if "base" in measured and base_epochs else None
+    trained = {n: float(read(profile, n, s)["history"]["train_seconds"].sum()) for n, s in gpu
+               if registry[n].train is not None and "history" in read(profile, n, s)}
+
+    def estimate(name: str) -> tuple[float | None, str]:
+        stage = registry[name]
+        if name in measured:
+            return measured[name], f"{name} measured"
+        if stage.epochs is not None and per_epoch is not None:
+            return per_epoch * stage.epochs(profile), f"{name} scaled from base's s/epoch"
+        like = next((n for n in measured if registry[n].notebook == stage.notebook and registry[n].epochs is None
+                     and bool(registry[n].models) == bool(stage.models)), None)  # e.g. posthoc_um as posthoc_base
+        if like is not None:
+            return measured[like], f"{name} sized as {like}"
+        return None, f"{name} not measured"
+
+    pieces = []
+    for row, (own, reads) in enumerate(stages_mod.shard_plan(profile, seed), 1):
+        retrain = [m for m in dict.fromkeys(m for n in own for m in registry[n].models) if m not in own
+                   and not (manifest(profile, m, seed) or {}).get("weights")]
+        first = STARTUP_SECONDS
+        notes = []
+        for m in retrain:
+            first = first + trained[m] if m in trained and first is not None else None
+            notes.append(f"re-trains {m} first (its weights do not travel)")
+        current: list[str] = []
+        total, why, warm = first, list(notes), False
+        for name in own:
+            sec, how = estimate(name)
+            grown = None if total is None or sec is None else total + sec
+            if current and (grown is None or grown > budget_s) and total is not None:
+                pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm))
+                current, warm, why = [], True, []
+                total = STARTUP_SECONDS
+                grown = None if sec is None else total + sec
+            current.append(name)
+            why.append(how)
+            total = grown
+        pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm))
+    return pieces
 
 
 def ready_seeds(profile: Profile, notebook: str) -> list[int]:

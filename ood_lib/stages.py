@@ -47,12 +47,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ood_lib import atypical, base, comparison, um
+from ood_lib import atypical, base, comparison, epochs, um
 from ood_lib.config import Profile, ProfileError, available_profiles, load_profile
 from ood_lib.models import load_pretrained, weights_digest
 from ood_lib.paths import PROJECT_ROOT
 from ood_lib.results import METRIC_COLUMNS
-from ood_lib.train import resolve_device
+from ood_lib.train import drop_checkpoints, resolve_device
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 STAGED_NOTEBOOKS = ("01", "02", "03", "04", "06")  # the notebooks that read stages (and take the `compute` parameter)
@@ -95,6 +95,7 @@ class Stage:
     digest: Callable[[Context, int], str | None] | None = None
     checkpoint: Callable[[Context, int], Path] | None = None  # the final model's checkpoint file (model stages)
     seeds: tuple[int, ...] | None = None   # the seeds it runs for; None: every seed of the profile
+    epochs: Callable[[Profile], int] | None = None  # epochs it trains on base's training set at base's speed (plans)
 
     def runs_for(self, profile: Profile) -> list[int]:
         return [s for s in profile.seeds if self.seeds is None or s in self.seeds]
@@ -132,10 +133,27 @@ def _base_digest(ctx: Context, seed: int) -> str | None:
     return weights_digest(base.load_base(ctx.profile, ctx.data, seed))
 
 
+def _drop_epochs(ctx: Context, directory: Path, keep: set[int], what: str) -> None:
+    """With ``keep_epoch_checkpoints: false``, drop the epoch checkpoints of a finished, fully scored run but
+    ``keep`` and the last (``train.drop_checkpoints``)."""
+    if ctx.profile.keep_epoch_checkpoints:
+        return
+    freed = drop_checkpoints(directory, keep)
+    ctx.log(f"[{what}] {freed / 1e6:.0f} MB of epoch checkpoints dropped; kept: the last epoch"
+            + (f" and epochs {sorted(keep)}" if keep else ""))
+
+
 def _base(ctx: Context, seed: int, read: Read) -> Tables:
     history = base.train_seed(ctx.profile, ctx.data, seed, log=ctx.log)
     rows = base.evaluate_run(ctx.profile, ctx.data, seed)
     final = base.load_base(ctx.profile, ctx.data, seed)
+    if not ctx.profile.keep_epoch_checkpoints:  # weights read again: the rules' epochs (ODIN there), rule B's gamma
+        sel = ctx.profile.eval.selection_detector
+        picks = epochs.selected_epochs(rows, sel).set_index("detector").loc[sel]
+        keep = {int(picks[rule]) for rule in epochs.RULES}
+        if ctx.profile.um.rule_b:
+            keep.add(um.rule_b_epoch(ctx.profile, ctx.data, seed, ctx.device))
+        _drop_epochs(ctx, base.run_dir(ctx.profile, seed), keep, f"base seed {seed}")
     return {"rows": rows, "history": _drop_log(history), "scores": _final_scores(ctx, final, "base")}
 
 
@@ -166,9 +184,10 @@ def _arm(arm: str) -> Stage:
         idx = removed(ctx, seed, read)
         history = atypical.train_without(ctx.profile, ctx.data, seed, arm, idx, ctx.device, log=ctx.log)
         rows = atypical.evaluate_without(ctx.profile, ctx.data, seed, arm, idx, ctx.device)
+        _drop_epochs(ctx, atypical.run_dir(ctx.profile, arm, idx, seed), set(), f"{arm} seed {seed}")
         return {"rows": rows, "history": _drop_log(history), "removed": pd.DataFrame({"image": idx})}
 
-    return Stage(arm, "02", compute, inputs=("atypical",), train=train)
+    return Stage(arm, "02", compute, inputs=("atypical",), train=train, epochs=lambda p: p.train.epochs)
 
 
 # --- notebook 03 ------------------------------------------------------------------------------------------------
@@ -234,11 +253,12 @@ def _fine_tune(ft: um.FineTune, fixed_gamma: float | None = None, gamma_stage: s
         tables = {"rows": rows, "history": _drop_log(history)}
         if ft is um.UM:
             tables["scores"] = _final_scores(ctx, um.load(ctx.profile, ctx.data, seed, ft), ft.name)
+        _drop_epochs(ctx, um.run_dir(ctx.profile, seed, ft), set(), f"{ft.name} seed {seed}")
         return tables
 
     return Stage(ft.name, notebook, compute, inputs=(gamma_stage,) if flooded_by_estimate else (),
                  models=() if ft.pretrained else ("base",), train=train, digest=digest, checkpoint=checkpoint,
-                 seeds=seeds)
+                 seeds=seeds, epochs=None if ft.pretrained else lambda p: p.um.epochs)
 
 
 # --- notebook 04 ------------------------------------------------------------------------------------------------
@@ -293,7 +313,8 @@ def stages(profile: Profile) -> dict[str, Stage]:
                     for name in names]
         return {s.name: s for s in out}
     if nbs & {"01", "02", "03", "04"}:
-        out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest, checkpoint=_base_checkpoint))
+        out.append(Stage("base", "01", _base, train=_base_train, digest=_base_digest, checkpoint=_base_checkpoint,
+                         epochs=lambda p: p.train.epochs))
     if "02" in nbs:
         out.append(Stage("atypical", "02", _atypical, models=("base",)))
         out += [_arm(arm) for arm in atypical.arms(profile.um)]

@@ -4,8 +4,9 @@ The whole training set sits on the device as uint8; each batch is gathered, conv
 (random crop with zero padding, horizontal flip), so no data loader is involved. Tensors are channels-last; on
 CUDA (and on the CPU where the profile sets ``train.cpu_bf16``) the forward pass runs in bf16 autocast. After every
 epoch the weights are written to ``run_dir/epoch_NNN.pt`` and the resume state to ``run_dir/state.pt``, both
-atomically. Everything random in epoch e (batch order, crops, flips, dropout) is drawn from a generator seeded by
-(seed, e), so a run resumed after an interruption gives exactly the weights of an uninterrupted one.
+atomically, and the weights digest (``models.weights_digest``) goes into the history. Everything random in epoch e
+(batch order, crops, flips, dropout) is drawn from a generator seeded by (seed, e), so a run resumed after an
+interruption gives exactly the weights of an uninterrupted one.
 
 Checkpoint files carry their own checksum. PyTorch checks nothing on load (a flipped bit loads as a different
 weight), so every file ``save_checkpoint`` writes is one header line, then the bytes of ``torch.save``::
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from ood_lib import progress
 from ood_lib.atomic import atomic_write
 from ood_lib.config import TrainConfig
+from ood_lib.models import state_digest
 from ood_lib.progress import note_work
 
 CHECKPOINT_MAGIC = b"ood_lib-checkpoint sha256="
@@ -280,6 +282,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
             # contiguous copies: the file's bytes do not depend on the layout the model trained in
             weights = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
                        for k, v in model.state_dict().items()}
+            entry["digest"] = state_digest(weights)
             save_checkpoint(weights, run_dir / f"epoch_{epoch:03d}.pt")
             note_work("computed")
             if on_epoch_end is not None:
@@ -302,7 +305,42 @@ def load_epoch(model: torch.nn.Module, run_dir: Path, epoch: int) -> torch.nn.Mo
     truncated or altered (the message names the file and the way out)."""
     path = Path(run_dir) / f"epoch_{epoch:03d}.pt"
     if not path.exists():
+        if epoch in recorded_digests(run_dir):
+            raise FileNotFoundError(
+                f"the checkpoint of epoch {epoch} was dropped after its run finished ({path}; the profile sets "
+                f"keep_epoch_checkpoints: false), and a pass over it that was never cached needs it now. Way out: "
+                f"remove {run_dir} and run again with keep_epoch_checkpoints: true (it is re-trained).")
         raise FileNotFoundError(f"no checkpoint for epoch {epoch}: {path} is missing; train first")
     model.load_state_dict(read_checkpoint(path, _retrain_hint(Path(run_dir)), map_location="cpu"))
     note_work("reused")
     return model
+
+
+def recorded_digests(run_dir: Path) -> dict[int, str]:
+    """{epoch: weights digest} of the epochs a run in ``run_dir`` has finished, from its resume state (empty when
+    there is none). Runs trained before ``train`` recorded digests for every epoch miss those it did not score."""
+    path = Path(run_dir) / "state.pt"
+    if not path.exists():
+        return {}
+    state = read_checkpoint(path, _retrain_hint(Path(run_dir)), weights_only=False)
+    return {int(h["epoch"]): str(h["digest"]) for h in state["history"] if isinstance(h.get("digest"), str)}
+
+
+def drop_checkpoints(run_dir: Path, keep) -> int:
+    """Remove the epoch checkpoints of a FINISHED run in ``run_dir`` except the epochs in ``keep`` and its last
+    one; returns the bytes freed. The resume state stays, so the run still counts as finished and is not
+    re-trained; what the dropped epochs gave is read from the feature cache by their recorded digests
+    (``recorded_digests``), and only a pass that was never cached needs them again (``load_epoch`` then says so)."""
+    run_dir = Path(run_dir)
+    done = recorded_digests(run_dir)
+    if not done:
+        raise ValueError(f"{run_dir} holds no finished epochs with recorded digests; nothing is dropped")
+    keep = {int(e) for e in keep} | {max(done)}
+    freed = 0
+    for path in sorted(run_dir.glob("epoch_*.pt")):
+        epoch = int(path.stem.removeprefix("epoch_"))
+        if epoch in keep or epoch not in done:
+            continue
+        freed += path.stat().st_size
+        path.unlink()
+    return freed

@@ -41,7 +41,7 @@ from ood_lib.atomic import atomic_write
 from ood_lib.config import Profile, TrainConfig
 from ood_lib.models import load_pretrained, weights_digest
 from ood_lib.paths import cache_dir
-from ood_lib.train import as_channels_last, augment, channels_last_eval, load_epoch, train
+from ood_lib.train import as_channels_last, augment, channels_last_eval, load_epoch, recorded_digests, train
 
 
 def flood(loss: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -131,17 +131,31 @@ def smoothed_minimum(val_loss) -> tuple[np.ndarray, int]:
     return smooth, int(np.argmin(smooth)) + 1
 
 
-def rule_b(profile: Profile, data: base.StudyData, seed: int, device: torch.device) -> RuleB:
-    """Rule B for the base run of ``seed`` (its per-epoch checkpoints; ID-val logits come from the feature cache)."""
+def id_val_losses(profile: Profile, data: base.StudyData, seed: int, device: torch.device) -> list[float]:
+    """Mean ID-val cross-entropy after each epoch of the base run of ``seed`` (logits from the feature cache)."""
     model = base.build_model(profile, data)
     cache = base.feature_cache(profile)
+    directory = base.run_dir(profile, seed)
+    digests = recorded_digests(directory)
     labels = torch.as_tensor(data.id_val.labels)
     losses = []
     for epoch in range(1, profile.train.epochs + 1):
-        load_epoch(model, base.run_dir(profile, seed), epoch)
-        logits = base.score_sets(profile, model, weights_digest(model), [data.id_val], cache, device, ())
+        with base.epoch_weights(model, directory, epoch, digests, cache) as digest:
+            logits = base.score_sets(profile, model, digest, [data.id_val], cache, device, ())
         z = torch.as_tensor(logits[(data.id_val.name, "val")]["logits"])
         losses.append(F.cross_entropy(z.double(), labels).item())
+    return losses
+
+
+def rule_b_epoch(profile: Profile, data: base.StudyData, seed: int, device: torch.device) -> int:
+    """The epoch rule B reads gamma at (whether or not it is late enough to count): the smoothed ID-val minimum."""
+    return smoothed_minimum(id_val_losses(profile, data, seed, device))[1]
+
+
+def rule_b(profile: Profile, data: base.StudyData, seed: int, device: torch.device) -> RuleB:
+    """Rule B for the base run of ``seed`` (its per-epoch checkpoints; ID-val logits come from the feature cache)."""
+    model = base.build_model(profile, data)
+    losses = id_val_losses(profile, data, seed, device)
     smooth, epoch = smoothed_minimum(losses)
     gamma = None
     if epoch <= RULE_B_LATE * profile.train.epochs:

@@ -51,3 +51,46 @@ def test_plan_prints_each_missing_shard_with_the_bundles_it_reads(machine, capsy
     um = next(c for c in commands if "--stages um,posthoc_um --seeds 1" in c)
     assert um.endswith(f"--bundle-dir {tmp_path / 'b'} --inputs {tmp_path / 'b'}/cifar10-cpu__gamma__seed1.tar.gz "
                        f"{tmp_path / 'b'}/cifar10-cpu__base__seed1.tar.gz")
+
+
+def _measured(p, stage, seed, seconds, device="NVIDIA H200", train_seconds=None):
+    import pandas as pd
+    tables = {"rows": pd.DataFrame({"value": [0.5]})}
+    if train_seconds is not None:
+        tables["history"] = pd.DataFrame({"epoch": [1, 2], "train_seconds": [train_seconds / 2] * 2})
+    shards._write(p, stage, seed, tables, {"seconds": seconds, "device": device})
+
+
+def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(machine, capsys):
+    """Issue 18: --plan --device-minutes sizes each row from the GPU stages measured (here: the H200's seconds of
+    2026-12-04), adds the base re-training where its weights do not travel, cuts a row between stages onto the
+    same warm machine, and says which pieces do not fit, rather than printing a plan that cannot run."""
+    machine("m")
+    p = load_profile("cifar10")
+    _measured(p, "base", 0, 432.0, train_seconds=192.0)
+    _measured(p, "atypical", 0, 77.0)
+    _measured(p, "gamma", 0, 25.0)
+    _measured(p, "posthoc_base", 0, 20.0)
+    _measured(p, "um", 0, 5.0, device="cpu (x86_64, 2 threads)")  # another device kind sizes nothing here
+    start = shards.STARTUP_SECONDS
+    pieces = {(x.row, x.stages): x for x in shards.device_plan(p, 1, 9 * 60)}
+    one = pieces[1, ("base",)]
+    assert one.seconds == start + 432 and one.fits(540) and not one.warm
+    rest = pieces[1, ("atypical", "gamma", "posthoc_base")]
+    assert rest.seconds == start + 77 + 25 + 20 and rest.warm and rest.reads == ()
+    um = pieces[2, ("um",)]  # re-trains base (192 s), then 100 epochs at base's 4.32 s
+    assert um.seconds == pytest.approx(start + 192 + 432) and not um.fits(540) and "re-trains base" in um.basis
+    assert um.reads == ("gamma", "base")
+    assert pieces[2, ("posthoc_um",)].seconds == start + 20 and pieces[2, ("posthoc_um",)].warm
+    assert pieces[8, ("no_random",)].seconds == pytest.approx(start + 432)
+    paper = next(x for x in shards.device_plan(p, 0, 540) if x.stages == ("paper_um",))  # seed 0 only
+    assert paper.seconds is None and not paper.fits(540)  # DenseNet: nothing measured sizes it
+    assert sorted(n for _, own in pieces for n in own) == sorted(n for own, _ in stages.shard_plan(p, 1) for n in own)
+
+    assert reproduce.main(["--profile", "cifar10", "--plan", "--device-minutes", "9"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    commands = [line for line in out if line.startswith("bash scripts/device_shard.sh")]
+    assert "bash scripts/device_shard.sh atypical,gamma,posthoc_base 1" in commands
+    assert "bash scripts/device_shard.sh base 0" not in commands  # done
+    assert any("DOES NOT FIT 9 min" in line and "re-trains base" in line for line in out)
+    assert reproduce.main(["--profile", "cifar10", "--device-minutes", "9"]) == 2  # only with --plan

@@ -302,6 +302,32 @@ def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path, capsys):
     assert all(shards.ready_seeds(p, nb) == [0] for nb in ("01", "02", "03", "04"))
 
 
+def test_dropped_epoch_checkpoints_change_the_disk_not_the_tables(machine, tmp_path):
+    """Issue 18 (bounded disk): with ``keep_epoch_checkpoints: false`` a finished run keeps only the epoch checkpoints
+    the study loads again (the base run: the last, the selection rules' and rule B's; a fine-tune or a removal arm:
+    the last), the later stages of the seed read the dropped epochs from the feature cache, and every table is the
+    one computed with every checkpoint kept."""
+    from ood_lib import base, um
+    from ood_lib.paths import cache_dir
+    names = ["base", "atypical", "gamma", "um", "no_random"]
+    digests = {}
+    for keep in (True, False):
+        machine(f"keep-{keep}")
+        over = {**TINY_CPU, "train.epochs": 5, "um.epochs": 2, "keep_epoch_checkpoints": keep}
+        execute.run_shards("cifar10-cpu", names, [0], over, tmp_path / f"bundles-{keep}")
+        p = load_profile("cifar10-cpu", over)
+        digests[keep] = {n: {t: _numbers_digest(x) for t, x in shards.read(p, n, 0).items()} for n in names}
+        runs = {"base": base.run_dir(p, 0), "um": um.run_dir(p, 0, um.UM),
+                "no_random": next((cache_dir(p.name) / "without").rglob("no_random-*/seed0"))}
+        kept = {n: sorted(int(f.stem[6:]) for f in d.glob("epoch_*.pt")) for n, d in runs.items()}
+        if keep:
+            assert kept == {"base": [1, 2, 3, 4, 5], "um": [1, 2], "no_random": [1, 2, 3, 4, 5]}
+        else:
+            assert kept["um"] == [2] and kept["no_random"] == [5], kept
+            assert 5 in kept["base"] and len(kept["base"]) < 5, kept
+    assert digests[False] == digests[True]
+
+
 REFERENCE = Path(__file__).parent / "data" / "cifar10_cpu_tiny_tables.json"
 TIME_COLUMNS = {"train_seconds", "images_per_second", "eval_seconds", "seconds"}  # wall-clock, never reproducible
 

@@ -238,3 +238,42 @@ def test_cpu_bf16_training_runs_in_bf16_and_follows_float32(tmp_path):
     assert seen and set(seen) == {torch.bfloat16}
     for a, b in zip(exact, fast):
         assert a["train_loss"] != b["train_loss"] and b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+
+
+def test_dropped_epochs_are_answered_from_the_cache_by_their_recorded_digests(tmp_path):
+    """Issue 18 (bounded disk): ``drop_checkpoints`` removes a finished run's epoch files but the kept ones and the
+    last; ``base.epoch_weights`` keys each epoch by the digest ``train`` recorded, reads a checkpoint only when a
+    pass must be computed, checks that checkpoint against the recorded digest, and names a dropped one clearly."""
+    import numpy as np
+    from ood_lib import base
+    from ood_lib.features import FeatureCache, Preprocess, extract, logits
+    from ood_lib.models import weights_digest
+    from ood_lib.train import CheckpointDamaged, drop_checkpoints, recorded_digests, save_checkpoint
+
+    x, y = _data()
+    cpu, run = torch.device("cpu"), tmp_path / "run"
+    train(_model(), x, y, CFG, seed=1, run_dir=run, device=cpu, log=lambda s: None)  # no on_epoch_end: still recorded
+    digests = recorded_digests(run)
+    probe = _model(5)
+    assert digests == {e: weights_digest(load_epoch(probe, run, e)) for e in (1, 2, 3)}
+    assert len(set(digests.values())) == 3
+    cache, pre = FeatureCache(tmp_path / "cache"), Preprocess(12, 1)
+
+    def z(epoch, data="set-a"):
+        with base.epoch_weights(probe, run, epoch, digests, cache) as digest:
+            return logits(cache, probe, digest, x, data, pre, cpu, 16)
+
+    first = z(1)  # probe held epoch 3: the miss loads epoch 1 first
+    assert np.array_equal(first, extract(load_epoch(_model(), run, 1), x, cpu, with_features=False)["logits"])
+    with pytest.raises(ValueError, match="nothing is dropped"):
+        drop_checkpoints(tmp_path / "empty", keep=())
+    assert drop_checkpoints(run, keep={2}) > 0
+    assert sorted(p.name for p in run.iterdir()) == ["epoch_002.pt", "epoch_003.pt", "state.pt"]
+    load_epoch(probe, run, 3)
+    assert np.array_equal(z(1), first) and cache.hits == 1  # from the cache: epoch 1's file is gone
+    with pytest.raises(FileNotFoundError, match="dropped after its run finished"):
+        z(1, data="set-b")  # a pass never cached needs the dropped file
+    assert cache._on_miss is None  # the pending load never outlives its block
+    save_checkpoint(_weights(load_epoch(probe, run, 3)), run / "epoch_002.pt")  # epoch 3's weights under 2's name
+    with pytest.raises(CheckpointDamaged, match="recorded"):
+        z(2)
