@@ -553,9 +553,8 @@ def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
     stage): a stage measured is taken as it ran; one that trains ``Stage.epochs`` on the base model's training set
     is scaled from ``base``'s seconds per epoch (its per-epoch scoring included); one that trains nothing is sized
     as a measured one of its notebook that trains nothing either (``posthoc_um`` as ``posthoc_base``); anything else
-    is unsized. A row
-    that starts from a model whose final weights did not travel with its bundle (ResNet-18: 45 MB) re-trains it
-    first: that model's measured training seconds are added. A row longer than the budget is cut between stages;
+    is unsized. A row that starts from a model whose final weights did not travel with its bundle (ResNet-18:
+    45 MB) re-trains it first: that model's measured training seconds are added. A row longer than the budget is cut between stages;
     the later pieces read the run folders of the first, so they must run on the same machine while it is warm.
     A single stage longer than the budget stays one piece that does not fit (``Piece.fits``)."""
     registry = stages_mod.stages(profile)
@@ -565,8 +564,12 @@ def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
                             columns=["stage", "seed", "seconds"]).groupby("stage")["seconds"].median().to_dict()
     base_epochs = registry["base"].epochs(profile) if "base" in registry else None
     per_epoch = measured["base"] / base_epochs if "base" in measured and base_epochs else None
-    trained = {n: float(read(profile, n, s)["history"]["train_seconds"].sum()) for n, s in gpu
-               if registry[n].train is not None and "history" in read(profile, n, s)}
+    trained = {}  # model stage -> seconds of training alone (what a re-training costs)
+    for n, s in gpu:
+        if registry[n].train is not None:
+            history = read(profile, n, s).get("history")
+            if history is not None and "train_seconds" in history:
+                trained[n] = float(history["train_seconds"].sum())
 
     def estimate(name: str) -> tuple[float | None, str]:
         stage = registry[name]
