@@ -6,6 +6,9 @@
    seconds per epoch of 49,000 training images, INCLUDING what the `base` stage does after every epoch: logits of
    every evaluation set (10,000 ID test, 1,000 ID val, and a val and a test half of four OOD sets of 10,000) and
    the logit detectors' metrics on them (goal: at most 1.0 s).
+   Then training alone with deterministic kernels (``train.deterministic_kernels``, what the study uses on CUDA so
+   that a re-trained base reproduces its digest) against the default ones, two runs each: time ratio and whether the
+   two runs of one seed end with the same weights.
 2. The same run in k processes at once on one GPU (several seeds or arms sharing it): total images per second
    against one process alone, so the shard plan knows whether running stages side by side pays.
 3. DenseNet-BC-100 (the Unleashing Mask checkpoint's architecture) training, seconds per epoch at batch 64 (the
@@ -109,6 +112,24 @@ def main():
     ev = statistics.median(h["eval_seconds"] for h in warm)
     rows.append({"what": f"{arch} epoch of {n} images, batch 256, + per-epoch evaluation", "seconds": tr + ev,
                  "detail": f"train {tr:.2f} s + evaluation {ev:.2f} s ({sum(EVAL_SETS.values()) * scale:.0f} images)"})
+
+    # deterministic kernels (what `train` uses on CUDA, so a re-trained base reproduces its digest) against the
+    # default ones, side by side; and whether two runs of one seed give the same weights under each
+    from ood_lib import train as train_mod
+    kinds = {}
+    for label, devices in (("deterministic", train_mod.DETERMINISTIC_DEVICES), ("default", ())):
+        saved = train_mod.DETERMINISTIC_DEVICES
+        train_mod.DETERMINISTIC_DEVICES = devices
+        try:
+            runs = [study_epochs(arch, n, args.epochs, 256, device, evaluate=False) for _ in range(2)]
+        finally:
+            train_mod.DETERMINISTIC_DEVICES = saved
+        kinds[label] = statistics.median(h["train_seconds"] for h in runs[0][1:] + runs[1][1:])
+        same = runs[0][-1]["digest"] == runs[1][-1]["digest"]
+        rows.append({"what": f"{arch} epoch, {label} kernels, no evaluation", "seconds": kinds[label],
+                     "detail": f"two runs of one seed: {'same' if same else 'DIFFERENT'} weights after "
+                               f"{args.epochs} epochs"})
+    rows[-2]["detail"] += f"; {kinds['deterministic'] / kinds['default']:.2f}x the default kernels' time"
 
     single = None
     for k in (int(p) for p in args.processes.split(",")):

@@ -155,15 +155,33 @@ def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict |
 
 
 def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, overrides: dict | None = None,
-               bundle_dir: Path | None = None, inputs: list[Path] = ()) -> list[Path]:
-    """A shard command: merge ``inputs``, run ``stages`` for ``seeds`` in this process, write one bundle each."""
+               bundle_dir: Path | None = None, inputs: list[Path] = (), models_only: bool = False,
+               allow_mixed_models: bool = False) -> list[Path]:
+    """A shard command: merge ``inputs``, run ``stages`` for ``seeds`` in this process, write one bundle each.
+
+    ``models_only``: only make sure the trained models those stages start from are on this machine (installed from
+    the bundles' weights, or re-trained and checked against the digest their bundle recorded), and write nothing
+    else; the stages then run in a later command on the same machine (a lent GPU's 10-minute commands, where
+    re-training the base and a 100-epoch fine-tune do not fit in one). ``allow_mixed_models``: go on from a
+    re-trained model whose digest differs from the recorded one (``shards.Runner.model``)."""
     profile = load_profile(profile_name, overrides or {})
     if inputs:
-        shards.merge(profile, inputs)
-    runner = shards.Runner(profile)
+        shards.merge(profile, inputs, allow_mixed_models=allow_mixed_models)
+    runner = shards.Runner(profile, allow_mixed_models=allow_mixed_models)
     for name in stages:
         runner.stage(name)  # an unknown stage fails before any work
     seeds = list(profile.seeds) if seeds is None else seeds
+    if models_only:
+        t0 = time.perf_counter()
+        for seed in seeds:
+            for name in stages:
+                for dep in runner.stage(name).models if seed in runner.stage(name).runs_for(profile) else ():
+                    info = runner.model(dep, seed)
+                    how = "re-trained" if info["retrained"] else "installed" if info.get("installed") else "found"
+                    print(f"model {dep} seed {seed}: {how} here, weights digest {str(info['digest'])[:12]}"
+                          f"{' = the recorded one' if info['match'] else ''} ({time.perf_counter() - t0:.1f} s)",
+                          flush=True)
+        return []
     bundle_dir = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
     order = [name for name in runner.registry if name in stages]
     written = []

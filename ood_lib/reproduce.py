@@ -6,7 +6,9 @@
     python -m ood_lib.reproduce --profile cifar10 --stages base,atypical,gamma --seeds 0 [--bundle-dir DIR]
         a shard command: those stages for those seeds, in this process, without papermill or Jupyter; writes one
         bundle per (stage, seed) to DIR (default results/<profile>/bundles). Stages whose tables come from
-        another machine are given with --inputs BUNDLE ... (merged first, with the checks of --merge).
+        another machine are given with --inputs BUNDLE ... (merged first, with the checks of --merge). A model
+        re-trained here because its bundle carried no weights must reproduce the digest its bundle recorded, or
+        the command stops (--allow-mixed-models goes on). With --models-only: only those models, no bundle.
 
     python -m ood_lib.reproduce --profile cifar10 --merge BUNDLE ...
         check and merge bundles from other machines, then run the analysis: every notebook whose stages are
@@ -106,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-mixed-code", action="store_true", help="with --merge: accept bundles computed by "
                                                                     "different versions of the library")
     ap.add_argument("--allow-mixed-models", action="store_true", help="with --merge: accept stages of a seed that "
-                    "used other weights of a model (e.g. a re-trained base) than that model's own stage recorded")
+                    "used other weights of a model (e.g. a re-trained base) than that model's own stage recorded; "
+                    "with --stages: compute them from such weights instead of stopping")
+    ap.add_argument("--models-only", action="store_true", help="with --stages: only put the trained models these "
+                    "stages start from on this machine (re-trained where their bundles carry no weights, and checked "
+                    "against the recorded digest); the stages in a later command on this machine")
     jobs = ap.add_argument_group("jobs (ood_lib.cluster, docs/cluster.md)")
     jobs.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
                       help="local (default): the notebooks compute their stages in this process; slurm: every "
@@ -139,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = [n.strip().zfill(2) for n in args.notebooks.split(",")] if args.notebooks else None
         profile, _ = stages_mod.notebooks_to_run(args.profile, notebooks, overrides)
         seeds = [int(s) for s in _list(args.seeds)] if args.seeds else None
-        if (args.seeds or args.inputs) and not args.stages or args.bundle_dir and not (args.stages or args.plan):
-            raise ProfileError("--seeds and --inputs go with --stages, --bundle-dir with --stages or --plan")
+        if (args.seeds or args.inputs or args.models_only) and not args.stages \
+                or args.bundle_dir and not (args.stages or args.plan):
+            raise ProfileError("--seeds, --inputs and --models-only go with --stages, --bundle-dir with --stages or "
+                               "--plan")
+        if args.allow_mixed_models and not (args.stages or args.merge):
+            raise ProfileError("--allow-mixed-models goes with --stages or --merge")
         if args.device_minutes is not None and (not args.plan or args.device_minutes <= 0):
             raise ProfileError(f"--device-minutes {args.device_minutes}: a positive number of minutes, with --plan")
         if seeds is not None and set(seeds) - set(profile.seeds):
@@ -186,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         preflight(profile, data=not args.merge, stages=_list(args.stages))
         if args.stages:
-            run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs)
+            run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs,
+                       models_only=args.models_only, allow_mixed_models=args.allow_mixed_models)
         elif args.merge:
             shards.merge(profile, args.merge, args.allow_mixed_code, allow_mixed_models=args.allow_mixed_models)
             run(args.profile, notebooks, overrides, compute=False)
@@ -207,14 +218,18 @@ def main(argv: list[str] | None = None) -> int:
 def _print_device_plan(profile, done: set, minutes: float, bundle_dir: Path | None) -> None:
     from ood_lib import shards
     for seed in profile.seeds:
+        said = ""
         for piece in shards.device_plan(profile, seed, minutes * 60):
             if all((n, seed) in done for n in piece.stages):
                 continue
             size = "size unknown" if piece.seconds is None else f"~{piece.seconds / 60:.1f} min"
-            verdict = "" if piece.fits(minutes * 60) else f", DOES NOT FIT {minutes:g} min"
+            too_long = piece.seconds is None or piece.seconds > minutes * 60
+            why = "as above" if piece.blocked == said else piece.blocked
+            verdict = f", DOES NOT FIT {minutes:g} min" * too_long + f", BLOCKED ({why})" * bool(piece.blocked)
+            said = piece.blocked
             warm = "; on the machine of the command above, while it is warm" if piece.warm else ""
             print(f"# seed {seed}, row {piece.row}: {size}{verdict} ({piece.basis}){warm}")
-            print(shards.device_command(profile, piece.stages, seed, piece.reads, bundle_dir))
+            print(shards.device_command(profile, piece.stages, seed, piece.reads, bundle_dir, piece.models_only))
 
 
 if __name__ == "__main__":

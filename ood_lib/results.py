@@ -58,7 +58,7 @@ from ood_lib.atomic import atomic_write, clean_stale_tmp
 from ood_lib.features import EVAL_PRECISION
 from ood_lib.paths import PROJECT_ROOT, results_dir
 from ood_lib.progress import WORK
-from ood_lib.train import training_precision
+from ood_lib.train import training_kernels, training_precision
 
 try:
     import fcntl
@@ -429,7 +429,9 @@ def read_provenance(path: Path) -> dict:
 
 def precision(profile, device) -> dict:
     """What training and evaluation of ``profile`` run in on ``device`` (provenance and shard manifests)."""
-    return {"training": training_precision(profile.train, torch.device(device)), "evaluation": EVAL_PRECISION}
+    device = torch.device(device)
+    return {"training": training_precision(profile.train, device), "evaluation": EVAL_PRECISION,
+            "training_kernels": training_kernels(device)}
 
 
 def write_provenance(profile, notebook: str, device: torch.device | str, data_checksums: dict[str, str],

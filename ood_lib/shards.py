@@ -168,11 +168,13 @@ def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int], reads
 
 
 def device_command(profile: Profile, stages: Iterable[str], seed: int, reads: Iterable[str] = (),
-                   bundle_dir: Path | str | None = None) -> str:
-    """``command`` as run on a lent GPU machine (``scripts/device_shard.sh``: the carried data, bundles to $OUT)."""
+                   bundle_dir: Path | str | None = None, models_only: bool = False) -> str:
+    """``command`` as run on a lent GPU machine (``scripts/device_shard.sh``: the carried data, bundles to $OUT);
+    ``models_only``: the command that only re-trains the models the stages start from (MODELS_ONLY=1)."""
     folder = Path(bundle_dir) if bundle_dir else Path("results") / profile.name / "bundles"
     bundles = [str(folder / bundle_name(profile, r, seed)) for r in reads]
-    return " ".join(["bash scripts/device_shard.sh", ",".join(stages), str(seed), *bundles])
+    return " ".join(["MODELS_ONLY=1 " * models_only + "bash scripts/device_shard.sh", ",".join(stages), str(seed),
+                     *bundles])
 
 
 def shard_table(profile: Profile, seed: int = 0) -> str:
@@ -187,8 +189,9 @@ def shard_table(profile: Profile, seed: int = 0) -> str:
 class Runner:
     """Runs the stages of one profile in this process, each at most once per seed, reading tables back from disk."""
 
-    def __init__(self, profile: Profile, log: Callable[[str], None] = print):
+    def __init__(self, profile: Profile, log: Callable[[str], None] = print, allow_mixed_models: bool = False):
         self.profile = profile
+        self.allow_mixed_models = allow_mixed_models  # go on when a re-trained model differs from the recorded one
         self.registry = stages_mod.stages(profile)
         self.ctx = stages_mod.Context(profile, log)
         self.log = log
@@ -293,13 +296,28 @@ class Runner:
             stage.train(self.ctx, seed, lambda dep: self.tables(dep, seed))
             digest = stage.digest(self.ctx, seed)
             info.update(digest=digest, retrained=True)
-            if digest != recorded:
-                self.log(f"warning: the re-trained {name} model of seed {seed} differs from the one its tables were "
-                         f"computed with (digest {digest[:12]} vs {str(recorded)[:12]}: nondeterministic kernels); "
-                         "stages using it record this in their manifest")
+        if recorded is not None and digest != recorded:
+            m = manifest(self.profile, name, seed)
+            said = (f"the {'re-trained ' * info['retrained']}{name} model of seed {seed} here differs from the one "
+                    f"its tables were computed with (weights digest {digest[:12]} here, {recorded[:12]} recorded; "
+                    f"trained on {m.get('device')} with {_kernels(m)} kernels)")
+            if not self.allow_mixed_models:
+                raise ShardError(
+                    f"{said}. The stages that start from it would be refused by --merge (their seed's stages would "
+                    f"disagree about its {name}), so this shard stops before computing them. Way out: run {name} "
+                    f"again in one command with the stages that need its weights, or pass --allow-mixed-models to "
+                    f"compute them from these weights anyway (the merge then needs --allow-mixed-models too)")
+            self.log(f"warning: {said}; --allow-mixed-models: the stages using it record this in their manifest")
         info["match"] = digest == recorded
         self._checked[key] = info
         return info
+
+
+def _kernels(m: dict) -> str:
+    """The kernels a shard's model was trained with: its manifest's record; before manifests recorded it (code
+    before deterministic CUDA training), 'deterministic' on a CPU and 'nondeterministic' on anything else."""
+    recorded = (m.get("precision") or {}).get("training_kernels")
+    return recorded or ("deterministic" if str(m.get("device", "")).startswith("cpu") else "nondeterministic")
 
 
 def outputs(profile: Profile, notebook: str, compute: bool = True,
@@ -541,9 +559,11 @@ class Piece:
     seconds: float | None      # estimated, start-up included; None where no measurement sizes one of its stages
     basis: str                 # how the estimate was made
     warm: bool                 # reads the run folders the piece before it left: the same, still warm, machine
+    models_only: bool = False  # only re-trains the models its stages start from (``run_shards(models_only=True)``)
+    blocked: str = ""          # why it cannot give mergeable bundles as things stand ("" when it can)
 
     def fits(self, budget_s: float) -> bool:
-        return self.seconds is not None and self.seconds <= budget_s
+        return not self.blocked and self.seconds is not None and self.seconds <= budget_s
 
 
 def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
@@ -554,9 +574,12 @@ def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
     is scaled from ``base``'s seconds per epoch (its per-epoch scoring included); one that trains nothing is sized
     as a measured one of its notebook that trains nothing either (``posthoc_um`` as ``posthoc_base``); anything else
     is unsized. A row that starts from a model whose final weights did not travel with its bundle (ResNet-18:
-    45 MB) re-trains it first: that model's measured training seconds are added. A row longer than the budget is cut between stages;
-    the later pieces read the run folders of the first, so they must run on the same machine while it is warm.
-    A single stage longer than the budget stays one piece that does not fit (``Piece.fits``)."""
+    45 MB) re-trains it first: that model's measured training seconds are added, in a piece of its own
+    (``Piece.models_only``) where the re-training and the row's first stage do not fit in one budget. The
+    re-training must reproduce the recorded weights, so a row whose model was trained with nondeterministic kernels
+    (a GPU before ``train.deterministic_kernels``) is ``Piece.blocked``. A row longer than the budget is cut between
+    stages; the later pieces read the run folders of the first, so they must run on the same machine while it is
+    warm. A single stage longer than the budget stays one piece that does not fit (``Piece.fits``)."""
     registry = stages_mod.stages(profile)
     gpu = [(name, s) for name, s in plan(profile).query("done")[["stage", "seed"]].itertuples(index=False)
            if not str(manifest(profile, name, s)["device"]).startswith("cpu")]
@@ -587,25 +610,37 @@ def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
     for row, (own, reads) in enumerate(stages_mod.shard_plan(profile, seed), 1):
         retrain = [m for m in dict.fromkeys(m for n in own for m in registry[n].models) if m not in own
                    and not (manifest(profile, m, seed) or {}).get("weights")]
-        first = STARTUP_SECONDS
-        notes = []
+        first, notes, blocked = STARTUP_SECONDS, [], []
         for m in retrain:
             first = first + trained[m] if m in trained and first is not None else None
             notes.append(f"re-trains {m} first (its weights do not travel)")
+            done_m = manifest(profile, m, seed)
+            if done_m is not None and _kernels(done_m) != "deterministic":
+                blocked.append(f"{m} seed {seed} was trained with nondeterministic kernels ({done_m['device']}, code "
+                               f"{done_m['code_digest']}): a re-training cannot reproduce it, so re-run {m}'s row "
+                               f"with this code first")
         current: list[str] = []
         total, why, warm = first, list(notes), False
+        if retrain and first is not None and own:
+            sec, _ = estimate(own[0])
+            if sec is None or first + sec > budget_s:  # the re-training alone, then the stages on the warm machine
+                pieces.append(Piece(row, tuple(own), reads, first, "; ".join(notes), False, models_only=True,
+                                    blocked="; ".join(blocked)))
+                total, why, warm = STARTUP_SECONDS, [], True
         for name in own:
             sec, how = estimate(name)
             grown = None if total is None or sec is None else total + sec
             if current and (grown is None or grown > budget_s) and total is not None:
-                pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm))
+                pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm,
+                                    blocked="; ".join(blocked)))
                 current, warm, why = [], True, []
                 total = STARTUP_SECONDS
                 grown = None if sec is None else total + sec
             current.append(name)
             why.append(how)
             total = grown
-        pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm))
+        pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm,
+                            blocked="; ".join(blocked)))
     return pieces
 
 

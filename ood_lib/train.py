@@ -6,7 +6,9 @@ CUDA (and on the CPU where the profile sets ``train.cpu_bf16``) the forward pass
 epoch the weights are written to ``run_dir/epoch_NNN.pt`` and the resume state to ``run_dir/state.pt``, both
 atomically, and the weights digest (``models.weights_digest``) goes into the history. Everything random in epoch e
 (batch order, crops, flips, dropout) is drawn from a generator seeded by (seed, e), so a run resumed after an
-interruption gives exactly the weights of an uninterrupted one.
+interruption gives exactly the weights of an uninterrupted one. On CUDA, training runs with deterministic kernels
+(``deterministic_kernels``), so a run re-trained on another machine of the same GPU model and PyTorch build gives
+the same weights too; the CPU is deterministic as it is.
 
 Checkpoint files carry their own checksum. PyTorch checks nothing on load (a flipped bit loads as a different
 weight), so every file ``save_checkpoint`` writes is one header line, then the bytes of ``torch.save``::
@@ -29,6 +31,7 @@ import contextlib
 import hashlib
 import io
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -62,6 +65,43 @@ class CheckpointDamaged(RuntimeError):
 # out bit-identical to the contiguous layout's at every epoch (PyTorch 2.14, this project's CPUs), at the same
 # training speed within a few percent. Tests add "cpu" here to exercise the CUDA path on a machine without a GPU.
 BF16_DEVICES = ("cuda",)
+
+
+# Device types on which training turns on deterministic kernels (``deterministic_kernels``). By default cuDNN may
+# pick convolution algorithms by benchmark and several CUDA backward kernels accumulate with atomics, so two runs of
+# one seed need not give the same weights; the CPU kernels this library trains with are deterministic as they are
+# (a re-trained base matches its recorded digest: tests/test_shards.py). Tests add "cpu".
+DETERMINISTIC_DEVICES = ("cuda",)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device):
+    """Training on a device of DETERMINISTIC_DEVICES with deterministic kernels: ``torch.use_deterministic_algorithms``
+    (warn-only: an op without a deterministic kernel warns once and the run goes on), cuDNN's deterministic
+    algorithms without benchmarking, and cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set; it
+    must be in the environment before the process's first cuBLAS call, so ``scripts/device_shard.sh`` exports it).
+    What a re-training reproduces is checked by its weights digest, never assumed (``shards.Runner.model``).
+    Restores the previous settings on exit; elsewhere it changes nothing."""
+    if device.type not in DETERMINISTIC_DEVICES:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+
+
+def training_kernels(device: torch.device) -> str:
+    """'deterministic' where training is reproducible bit for bit on the same hardware and PyTorch build: the CPU,
+    and the devices of DETERMINISTIC_DEVICES (recorded in provenance and shard manifests)."""
+    return "deterministic" if device.type == "cpu" or device.type in DETERMINISTIC_DEVICES else "nondeterministic"
 
 
 def fast_paths(device: torch.device, bf16: bool, channels_last: bool, cpu_bf16: bool = False) -> tuple[bool, bool]:
@@ -236,7 +276,8 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
             note_work("reused")  # a finished run: only reloaded
 
     n = images.shape[0]
-    with progress.Bar(cfg.epochs, f"{name} seed {seed}", unit="epoch", initial=start - 1) as bar:
+    with progress.Bar(cfg.epochs, f"{name} seed {seed}", unit="epoch", initial=start - 1) as bar, \
+            deterministic_kernels(device):
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
             lr = cosine_lr(cfg.lr, epoch - 1, cfg.epochs)

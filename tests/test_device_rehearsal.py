@@ -132,6 +132,13 @@ def test_every_shard_kind_comes_back_as_bundles_that_merge(device, tmp_path, mac
     for own, reads in stages_mod.shard_plan(profile, 0):  # the README's device table, row by row
         stages = ",".join(own)
         inputs = [str(bundles[s]) for s in reads]
+        if stages == "um,posthoc_um":  # the models-only command that precedes a row on a warm machine
+            r = subprocess.run(["bash", "scripts/device_shard.sh", stages, "0", *inputs], cwd=repo, timeout=900,
+                               env={**env, "OUT": str(out), "OOD_SET": sets, "MODELS_ONLY": "1"}, capture_output=True,
+                               text=True)
+            assert r.returncode == 0 and "model base seed 0: " in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+            assert "= the recorded one" in (out / "log-um-posthoc_um-seed0-models.txt").read_text()
+            assert not (out / "cifar10__um__seed0.tar.gz").exists()
         r = subprocess.run(["bash", "scripts/device_shard.sh", stages, "0", *inputs], cwd=repo,
                            env={**env, "OUT": str(out), "OOD_SET": sets}, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"shard {stages}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"

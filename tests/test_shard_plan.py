@@ -78,10 +78,18 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
     assert one.seconds == start + 432 and one.fits(540) and not one.warm
     rest = pieces[1, ("atypical", "gamma", "posthoc_base")]
     assert rest.seconds == start + 77 + 25 + 20 and rest.warm and rest.reads == ()
-    um = pieces[2, ("um",)]  # re-trains base (192 s), then 100 epochs at base's 4.32 s
-    assert um.seconds == pytest.approx(start + 192 + 432) and not um.fits(540) and "re-trains base" in um.basis
-    assert um.reads == ("gamma", "base")
-    assert pieces[2, ("posthoc_um",)].seconds == start + 20 and pieces[2, ("posthoc_um",)].warm
+    # row 2 re-trains base (192 s) in a command of its own (with um's 100 epochs at base's 4.32 s it would not fit),
+    # then um and posthoc_um on the same warm machine
+    retrain, um = [x for x in shards.device_plan(p, 1, 9 * 60) if x.row == 2]
+    assert retrain.models_only and retrain.stages == ("um", "posthoc_um") and retrain.reads == ("gamma", "base")
+    assert retrain.seconds == start + 192 and retrain.fits(540) and "re-trains base" in retrain.basis
+    assert not retrain.warm and not retrain.blocked
+    assert um.stages == ("um", "posthoc_um") and um.warm and um.reads == () and not um.models_only
+    assert um.seconds == pytest.approx(start + 432 + 20) and um.fits(540)
+    # seed 0's base was trained on the GPU before deterministic kernels: no re-training can reproduce it
+    blocked = [x for x in shards.device_plan(p, 0, 9 * 60) if x.row in (2, 3, 4, 5)]
+    assert blocked and all("nondeterministic" in x.blocked and not x.fits(540) for x in blocked)
+    assert not any(x.blocked for x in shards.device_plan(p, 0, 9 * 60) if x.row > 5)  # they train from scratch
     assert pieces[8, ("no_random",)].seconds == pytest.approx(start + 432)
     paper = next(x for x in shards.device_plan(p, 0, 540) if x.stages == ("paper_um",))  # seed 0 only
     assert paper.seconds is None and not paper.fits(540)  # DenseNet: nothing measured sizes it
@@ -89,8 +97,14 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
 
     assert reproduce.main(["--profile", "cifar10", "--plan", "--device-minutes", "9"]) == 0
     out = capsys.readouterr().out.splitlines()
-    commands = [line for line in out if line.startswith("bash scripts/device_shard.sh")]
+    commands = [line for line in out if "bash scripts/device_shard.sh" in line]
     assert "bash scripts/device_shard.sh atypical,gamma,posthoc_base 1" in commands
     assert "bash scripts/device_shard.sh base 0" not in commands  # done
-    assert any("DOES NOT FIT 9 min" in line and "re-trains base" in line for line in out)
+    assert "MODELS_ONLY=1 bash scripts/device_shard.sh um,posthoc_um 1 results/cifar10/bundles/cifar10__gamma__seed1" \
+        ".tar.gz results/cifar10/bundles/cifar10__base__seed1.tar.gz" in commands
+    assert commands[commands.index(next(c for c in commands if c.startswith("MODELS_ONLY=1") and " 1 " in c)) + 1] \
+        == "bash scripts/device_shard.sh um,posthoc_um 1"
+    assert any(line.startswith("# seed 0, row 2") and "BLOCKED (base seed 0 was trained with nondeterministic" in line
+               for line in out)
+    assert any("DOES NOT FIT 9 min" in line and "paper_um not measured" in line for line in out)
     assert reproduce.main(["--profile", "cifar10", "--device-minutes", "9"]) == 2  # only with --plan

@@ -278,7 +278,7 @@ def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path, capsys):
     total = re.search(r"3 shard\(s\) of profile cifar10-cpu in [\d.]+ s, ([\d.]+) MB written under", said)
     assert len(written) == 3 and written[0] > 0 and total and float(total.group(1)) >= sum(written) - 0.3, said[-2000:]
     m = shards.manifest(p, "base", 0)
-    assert m["precision"] == {"training": "bf16-autocast", "evaluation": "fp32"}
+    assert m["precision"] == {"training": "bf16-autocast", "evaluation": "fp32", "training_kernels": "deterministic"}
     assert m["weights"] and all(shards.manifest(p, s, 0).get("weights") is None for s in ("atypical", "gamma"))
     with tarfile.open(a[0]) as tar:  # the weights travel beside the bundle (git-ignored), never in it
         assert not any(n.endswith(shards.WEIGHTS) for n in tar.getnames())
@@ -382,3 +382,39 @@ def test_merge_refuses_a_seed_whose_stages_used_other_base_weights(machine, tmp_
         shards.merge(p, bundles[2:])
     shards.merge(p, bundles[2:], allow_mixed_models=True)
     assert shards.done(p, "um", 0)
+
+
+def test_a_retrained_model_must_reproduce_the_recorded_weights(machine, tmp_path, monkeypatch, capsys):
+    """Issue 18: a shard whose base weights did not travel re-trains the base, and goes on only if it reproduces the
+    digest the base's bundle recorded; --models-only does just that (the first of two commands on a warm GPU
+    machine). A base that comes out different stops the shard before any stage that would start from it (the merge
+    would refuse those), unless --allow-mixed-models."""
+    monkeypatch.setattr(shards, "WEIGHTS_MAX_BYTES", 0)  # no weights in the bundles
+    over = {"train.epochs": 2, "seeds": [0]}
+    p = load_profile("smoke", over)
+    machine("a")
+    a = execute.run_shards("smoke", ["base", "gamma"], [0], over, tmp_path / "bundles")
+    recorded = shards.manifest(p, "base", 0)["final_digest"]
+    assert shards.manifest(p, "base", 0)["precision"]["training_kernels"] == "deterministic"
+
+    machine("b")
+    capsys.readouterr()
+    assert execute.run_shards("smoke", ["um"], [0], over, tmp_path / "bundles-b", inputs=a, models_only=True) == []
+    assert f"model base seed 0: re-trained here, weights digest {recorded[:12]} = the recorded one" in \
+        capsys.readouterr().out
+    assert not shards.done(p, "um", 0) and not (tmp_path / "bundles-b").exists()  # no stage ran, no bundle
+    execute.run_shards("smoke", ["um"], [0], over, tmp_path / "bundles-b")  # the stage, on the same machine
+    assert shards.manifest(p, "um", 0)["models_used"]["base"]["match"]
+
+    machine("c")
+    shards.merge(p, a)
+    path = shards.shard_dir(p, "base", 0) / shards.MANIFEST
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps({**m, "final_digest": "f" * 64}))  # as if recorded by a run that cannot be redone
+    with pytest.raises(shards.ShardError, match=r"re-trained base model of seed 0 here differs.*ffffffffffff "
+                                                r"recorded.*stops before.*--allow-mixed-models"):
+        execute.run_shards("smoke", ["um"], [0], over, tmp_path / "bundles-c")
+    assert not shards.done(p, "um", 0) and not (tmp_path / "bundles-c").exists()
+    execute.run_shards("smoke", ["um"], [0], over, tmp_path / "bundles-c", allow_mixed_models=True)
+    assert not shards.manifest(p, "um", 0)["models_used"]["base"]["match"]
+    assert "warning: the base model of seed 0 here differs" in capsys.readouterr().out  # found here: not re-trained

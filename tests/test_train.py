@@ -3,6 +3,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -209,6 +210,43 @@ def test_extraction_is_float32_on_the_gpu_paths_and_inside_an_autocast(monkeypat
         assert out[k].dtype == "float32"
         assert abs(out[k] - plain[k].numpy()).max() <= 1e-5 * max(1.0, abs(plain[k].numpy()).max())
     assert abs(rounded.float().numpy() - plain["logits"].numpy()).max() > 1e-4  # bf16 would have shown
+
+
+def test_training_on_a_gpu_turns_on_deterministic_kernels_and_restores_them(tmp_path, monkeypatch):
+    """Issue 18: on CUDA, training runs with torch.use_deterministic_algorithms, cuDNN's deterministic algorithms
+    without benchmarking and a fixed cuBLAS workspace (here "cpu" stands in for a device of
+    DETERMINISTIC_DEVICES), so a base re-trained on another GPU machine can reproduce its recorded digest. The
+    switches are on during every epoch and as before afterwards, and they change no CPU weights."""
+    from ood_lib import train as train_mod
+
+    x, y = _data()
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, crop_padding=2, flip=True)
+    plain = train(_model(), x, y, cfg, seed=0, run_dir=tmp_path / "plain", device=torch.device("cpu"),
+                  log=lambda s: None)
+    monkeypatch.setattr(train_mod, "DETERMINISTIC_DEVICES", ("cpu",))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    cudnn.benchmark = True  # as a user's session might have it
+    seen = []
+
+    def look(epoch, model):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                     cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+    try:
+        strict = train(_model(), x, y, cfg, seed=0, run_dir=tmp_path / "det", device=torch.device("cpu"),
+                       on_epoch_end=look, log=lambda s: None)
+        assert seen == [(True, True, True, False, ":4096:8")] * 2
+        assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark) == \
+            (before[0], before[1], True)
+    finally:
+        cudnn.benchmark = before[2]
+    assert [h["digest"] for h in strict] == [h["digest"] for h in plain]
+    monkeypatch.setattr(train_mod, "DETERMINISTIC_DEVICES", ("cuda",))
+    assert train_mod.training_kernels(torch.device("cuda")) == "deterministic"
+    monkeypatch.setattr(train_mod, "DETERMINISTIC_DEVICES", ())
+    assert train_mod.training_kernels(torch.device("cuda")) == "nondeterministic"
+    assert train_mod.training_kernels(torch.device("cpu")) == "deterministic"
 
 
 def test_cpu_bf16_is_a_profile_switch_for_training_only():
