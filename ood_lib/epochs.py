@@ -79,7 +79,8 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     """Sentences computed from the numbers: does an intermediate epoch beat the final one, honestly chosen,
-    and is it a stable stage (the seed-mean curve is best before the end) or epoch-to-epoch volatility?"""
+    and is it a stable stage (the seed-mean curve is best before the end) or epoch-to-epoch volatility?
+    A gain counts only beyond the seed spread of the final FPR95, so one seed gives no verdict."""
     d = results[results["detector"] == detector]
     r = d.pivot_table(index="seed", columns="rule", values="fpr95") * 100
     ep = d.pivot_table(index="seed", columns="rule", values="epoch")
@@ -111,7 +112,11 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     ]
     spread = sd(r["final"])
     stable = best_mean <= 0.8 * final_epoch and curve.loc[final_epoch] - curve.loc[best_mean] > spread
-    if val_better == n and gain_val.mean() > spread and stable:
+    if n < 2:  # a seed spread of 0.00 would turn any difference into a verdict
+        parts.append("Verdict: undecided with one seed, which has no seed spread to judge these gains by; in this "
+                     f"seed the epoch chosen on OOD-val is {abs(gain_val.mean()):.2f} points "
+                     f"{'better' if gain_val.mean() > 0 else 'worse'} than the final one.")
+    elif val_better == n and gain_val.mean() > spread and stable:
         parts.append("Verdict: the intermediate-stage effect shows, survives honest epoch selection, and is a stable "
                      "stage of training.")
     elif val_better == n and gain_val.mean() > spread:
