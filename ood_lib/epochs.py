@@ -90,6 +90,9 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     def sd(x):
         return x.std(ddof=1) if n > 1 else 0.0
 
+    def pm(x):  # "± spread" over seeds; one seed has none
+        return f" ± {sd(x):.2f}" if n > 1 else ""
+
     gain_oracle, gain_val = r["final"] - r["oracle"], r["final"] - r["ood_val"]
     intermediate = int((ep["oracle"] < ep["final"]).sum())
     val_better = int((gain_val > 0).sum())
@@ -102,9 +105,9 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
         f"With {detector}, the oracle-best epoch comes before the last in {intermediate} of {n} seeds (epochs "
         f"{', '.join(str(int(e)) for e in ep['oracle'])} of {final_epoch}); it lowers the mean FPR95 from "
         f"{r['final'].mean():.2f}% at the final epoch to {r['oracle'].mean():.2f}% (a gain of "
-        f"{gain_oracle.mean():.2f} ± {sd(gain_oracle):.2f} points, chosen on test OOD data).",
+        f"{gain_oracle.mean():.2f}{pm(gain_oracle)} points, chosen on test OOD data).",
         f"Chosen on the held-out OOD-val halves, the epoch reaches {r['ood_val'].mean():.2f}% (gain "
-        f"{gain_val.mean():.2f} ± {sd(gain_val):.2f} points; better than final in {val_better} of {n} seeds) at an "
+        f"{gain_val.mean():.2f}{pm(gain_val)} points; better than final in {val_better} of {n} seeds) at an "
         f"ID-accuracy cost of {(acc['final'] - acc['ood_val']).mean():.2f} points; chosen without OOD data (best "
         f"ID-val accuracy) it reaches {r['id_val'].mean():.2f}%.",
         f"The seed-mean curve is lowest at epoch {best_mean} ({curve.loc[best_mean]:.2f}% vs "

@@ -61,4 +61,5 @@ def test_the_intermediate_stage_verdict_needs_a_seed_spread():
     one = _study({0: curves[0]})
     text = epochs.verdict(one, epochs.selection_results(one, "energy"), "energy")
     assert "Verdict: undecided with one seed" in text and "is 25.00 points better than the final one" in text
+    assert "(gain 25.00 points; better than final in 1 of 1 seeds)" in text and "±" not in text
     assert "survives" not in text
