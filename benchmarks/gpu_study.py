@@ -114,7 +114,9 @@ def main():
                  "detail": f"train {tr:.2f} s + evaluation {ev:.2f} s ({sum(EVAL_SETS.values()) * scale:.0f} images)"})
 
     # deterministic kernels (what `train` uses on CUDA, so a re-trained base reproduces its digest) against the
-    # default ones, side by side; and whether two runs of one seed give the same weights under each
+    # default ones, side by side; and whether two runs of one seed give the same weights under each. The default
+    # row runs second, with CUBLAS_WORKSPACE_CONFIG already set (it must be set before the first cuBLAS call), so it
+    # measures cuDNN's and torch's deterministic switches, not cuBLAS's workspace
     from ood_lib import train as train_mod
     kinds = {}
     for label, devices in (("deterministic", train_mod.DETERMINISTIC_DEVICES), ("default", ())):
@@ -126,7 +128,8 @@ def main():
             train_mod.DETERMINISTIC_DEVICES = saved
         kinds[label] = statistics.median(h["train_seconds"] for h in runs[0][1:] + runs[1][1:])
         same = runs[0][-1]["digest"] == runs[1][-1]["digest"]
-        rows.append({"what": f"{arch} epoch, {label} kernels, no evaluation", "seconds": kinds[label],
+        same_kernels = " (the same kernels on this device)" if device.type not in saved else ""
+        rows.append({"what": f"{arch} epoch, {label} kernels{same_kernels}, no evaluation", "seconds": kinds[label],
                      "detail": f"two runs of one seed: {'same' if same else 'DIFFERENT'} weights after "
                                f"{args.epochs} epochs"})
     rows[-2]["detail"] += f"; {kinds['deterministic'] / kinds['default']:.2f}x the default kernels' time"

@@ -174,13 +174,22 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
     if models_only:
         t0 = time.perf_counter()
         for seed in seeds:
-            for name in stages:
-                for dep in runner.stage(name).models if seed in runner.stage(name).runs_for(profile) else ():
-                    info = runner.model(dep, seed)
-                    how = "re-trained" if info["retrained"] else "installed" if info.get("installed") else "found"
-                    print(f"model {dep} seed {seed}: {how} here, weights digest {str(info['digest'])[:12]}"
-                          f"{' = the recorded one' if info['match'] else ''} ({time.perf_counter() - t0:.1f} s)",
-                          flush=True)
+            # the models the listed stages start from, less those the listed stages train themselves (posthoc_um
+            # scores um's model: computing um here is the very work the later command does)
+            needed = dict.fromkeys(dep for name in stages if seed in runner.stage(name).runs_for(profile)
+                                   for dep in runner.stage(name).models if dep not in stages)
+            for dep in needed:
+                if not shards.done(profile, dep, seed):
+                    raise shards.ShardError(
+                        f"--models-only: stage {dep!r} seed {seed}, whose model the stages {','.join(stages)} start "
+                        f"from, has no tables here; give its bundle with --inputs (a models-only command re-trains or "
+                        f"installs models whose stage was computed elsewhere, it never computes a stage)")
+                info = runner.model(dep, seed)
+                how = "re-trained" if info["retrained"] else "installed" if info.get("installed") else "found"
+                check = (" = the recorded one" if info["match"] else " (no recorded digest to check it against)"
+                         if info["recorded"] is None else f" != the recorded {info['recorded'][:12]}")
+                print(f"model {dep} seed {seed}: {how} here, weights digest {str(info['digest'])[:12]}{check} "
+                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
         return []
     bundle_dir = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
     order = [name for name in runner.registry if name in stages]

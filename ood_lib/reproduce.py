@@ -229,7 +229,8 @@ def _print_device_plan(profile, done: set, minutes: float, bundle_dir: Path | No
             said = piece.blocked
             warm = "; on the machine of the command above, while it is warm" if piece.warm else ""
             print(f"# seed {seed}, row {piece.row}: {size}{verdict} ({piece.basis}){warm}")
-            print(shards.device_command(profile, piece.stages, seed, piece.reads, bundle_dir, piece.models_only))
+            command = shards.device_command(profile, piece.stages, seed, piece.reads, bundle_dir, piece.models_only)
+            print(f"# {command}" if piece.blocked else command)  # a blocked command is not to be pasted and run
 
 
 if __name__ == "__main__":

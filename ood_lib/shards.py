@@ -38,7 +38,7 @@ import torch
 from ood_lib import stages as stages_mod
 from ood_lib.atomic import atomic_write
 from ood_lib.config import Profile
-from ood_lib.paths import PROJECT_ROOT, results_dir
+from ood_lib.paths import PROJECT_ROOT, cache_dir, results_dir
 from ood_lib.results import device_name, git_commit, precision
 
 FORMAT = 1
@@ -295,8 +295,13 @@ class Runner:
                 self.model(dep, seed)
             stage.train(self.ctx, seed, lambda dep: self.tables(dep, seed))
             digest = stage.digest(self.ctx, seed)
+            if digest is None:
+                raise ShardError(f"re-training stage {name!r} seed {seed} left no final checkpoint to check")
             info.update(digest=digest, retrained=True)
-        if recorded is not None and digest != recorded:
+        if recorded is None:
+            self.log(f"warning: the manifest of stage {name!r} seed {seed} records no weights digest, so its model "
+                     "here cannot be checked against the one its tables were computed with")
+        elif digest != recorded:
             m = manifest(self.profile, name, seed)
             said = (f"the {'re-trained ' * info['retrained']}{name} model of seed {seed} here differs from the one "
                     f"its tables were computed with (weights digest {digest[:12]} here, {recorded[:12]} recorded; "
@@ -304,9 +309,11 @@ class Runner:
             if not self.allow_mixed_models:
                 raise ShardError(
                     f"{said}. The stages that start from it would be refused by --merge (their seed's stages would "
-                    f"disagree about its {name}), so this shard stops before computing them. Way out: run {name} "
-                    f"again in one command with the stages that need its weights, or pass --allow-mixed-models to "
-                    f"compute them from these weights anyway (the merge then needs --allow-mixed-models too)")
+                    f"disagree about its {name}), so this shard stops before computing them. Way out: remove "
+                    f"{shard_dir(self.profile, name, seed)} and its model's run folder under "
+                    f"{cache_dir(self.profile.name)}, then run {name} again in one command with the stages that need "
+                    f"its weights; or pass --allow-mixed-models to compute them from these weights anyway (the merge "
+                    f"then needs --allow-mixed-models too)")
             self.log(f"warning: {said}; --allow-mixed-models: the stages using it record this in their manifest")
         info["match"] = digest == recorded
         self._checked[key] = info
@@ -615,10 +622,13 @@ def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
             first = first + trained[m] if m in trained and first is not None else None
             notes.append(f"re-trains {m} first (its weights do not travel)")
             done_m = manifest(profile, m, seed)
-            if done_m is not None and _kernels(done_m) != "deterministic":
+            if done_m is not None and _kernels(done_m) == "deterministic":
+                notes.append(f"its digest is reproducible on a {done_m['device']} with torch {done_m.get('torch')} "
+                             f"and this training code only")
+            elif done_m is not None:
                 blocked.append(f"{m} seed {seed} was trained with nondeterministic kernels ({done_m['device']}, code "
                                f"{done_m['code_digest']}): a re-training cannot reproduce it, so re-run {m}'s row "
-                               f"with this code first")
+                               f"with this code first, its bundles replacing the ones recorded")
         current: list[str] = []
         total, why, warm = first, list(notes), False
         if retrain and first is not None and own:

@@ -72,6 +72,10 @@ BF16_DEVICES = ("cuda",)
 # one seed need not give the same weights; the CPU kernels this library trains with are deterministic as they are
 # (a re-trained base matches its recorded digest: tests/test_shards.py). Tests add "cpu".
 DETERMINISTIC_DEVICES = ("cuda",)
+# Ops that warned, in this process, that they have no deterministic kernel (warn-only mode): a run that used one is
+# not reproducible after all, and ``training_kernels`` says so from then on.
+NONDETERMINISTIC_OPS: set[str] = set()
+_NO_DETERMINISTIC_KERNEL = "does not have a deterministic implementation"
 
 
 @contextlib.contextmanager
@@ -81,27 +85,43 @@ def deterministic_kernels(device: torch.device):
     algorithms without benchmarking, and cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set; it
     must be in the environment before the process's first cuBLAS call, so ``scripts/device_shard.sh`` exports it).
     What a re-training reproduces is checked by its weights digest, never assumed (``shards.Runner.model``).
-    Restores the previous settings on exit; elsewhere it changes nothing."""
+    Restores the previous torch and cuDNN settings on exit (a strict mode set by the caller stays strict; the
+    environment variable stays); elsewhere it changes nothing."""
     if device.type not in DETERMINISTIC_DEVICES:
         yield
         return
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and device.type == "cuda" and torch.cuda.is_initialized():
+        warnings.warn("CUBLAS_WORKSPACE_CONFIG is set only now, after CUDA was initialised in this process: if cuBLAS "
+                      "has run already, its matmuls may stay nondeterministic (export CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                      "before starting Python; the weights digest check will tell)", stacklevel=3)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cudnn = torch.backends.cudnn
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               cudnn.deterministic, cudnn.benchmark)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=before[1] if before[0] else True)
     cudnn.deterministic, cudnn.benchmark = True, False
+    caught = []
     try:
-        yield
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", message=f".*{_NO_DETERMINISTIC_KERNEL}")
+            yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+        for w in caught:  # shown once training ends; the ops without a deterministic kernel are remembered
+            text = str(w.message)
+            if _NO_DETERMINISTIC_KERNEL in text:
+                NONDETERMINISTIC_OPS.add(text.split(f" {_NO_DETERMINISTIC_KERNEL}")[0].strip())
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def training_kernels(device: torch.device) -> str:
     """'deterministic' where training is reproducible bit for bit on the same hardware and PyTorch build: the CPU,
-    and the devices of DETERMINISTIC_DEVICES (recorded in provenance and shard manifests)."""
-    return "deterministic" if device.type == "cpu" or device.type in DETERMINISTIC_DEVICES else "nondeterministic"
+    and the devices of DETERMINISTIC_DEVICES unless an op of this process warned it has no deterministic kernel
+    (then 'nondeterministic: <ops>'); recorded in provenance and shard manifests."""
+    if device.type not in DETERMINISTIC_DEVICES:
+        return "deterministic" if device.type == "cpu" else "nondeterministic"
+    return f"nondeterministic: {', '.join(sorted(NONDETERMINISTIC_OPS))}" if NONDETERMINISTIC_OPS else "deterministic"
 
 
 def fast_paths(device: torch.device, bf16: bool, channels_last: bool, cpu_bf16: bool = False) -> tuple[bool, bool]:

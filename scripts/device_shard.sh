@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stages="$1"; seeds="$2"; shift 2
+case "${MODELS_ONLY:-0}" in 0|1) ;; *) echo "MODELS_ONLY must be 0 or 1, not '$MODELS_ONLY'" >&2; exit 2 ;; esac
 out="${OUT:-results/cifar10/bundles}"
 mkdir -p "$out"
 # the repository root on the path (nothing is pip-installed there), for worker processes too

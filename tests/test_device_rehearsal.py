@@ -138,6 +138,7 @@ def test_every_shard_kind_comes_back_as_bundles_that_merge(device, tmp_path, mac
                                text=True)
             assert r.returncode == 0 and "model base seed 0: " in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
             assert "= the recorded one" in (out / "log-um-posthoc_um-seed0-models.txt").read_text()
+            assert "model um " not in r.stdout  # um is computed by the row itself, not by its models-only command
             assert not (out / "cifar10__um__seed0.tar.gz").exists()
         r = subprocess.run(["bash", "scripts/device_shard.sh", stages, "0", *inputs], cwd=repo,
                            env={**env, "OUT": str(out), "OOD_SET": sets}, capture_output=True, text=True, timeout=900)

@@ -36,3 +36,30 @@ def test_rules_by_hand_and_a_detector_scored_at_some_epochs_takes_the_selection_
         assert "lacks epochs" in str(e)
     else:
         raise AssertionError("a detector with missing epochs needs a selection detector")
+
+
+def _study(fprs_per_seed):
+    """Rows of one detector whose test and val FPR95 curves are the same; ID accuracy rises with the epoch."""
+    out = []
+    for seed, fprs in fprs_per_seed.items():
+        for split in ("test", "val"):
+            out += [{**r, "seed": seed} for r in _rows("energy", split, fprs)]
+            out += [{**r, "seed": seed, "metric": "auroc", "value": 1 - r["value"]} for r in _rows("energy", split, fprs)]
+            out += [{"split": split, "seed": seed, "epoch": e, "detector": "", "ood_set": "", "metric": "id_acc",
+                     "value": 0.5 + 0.05 * e} for e in fprs]
+    return pd.DataFrame(out)
+
+
+def test_the_intermediate_stage_verdict_needs_a_seed_spread():
+    curves = {0: {1: 0.60, 2: 0.30, 3: 0.35, 4: 0.50, 5: 0.55}, 1: {1: 0.60, 2: 0.32, 3: 0.30, 4: 0.50, 5: 0.56}}
+    two = _study(curves)
+    text = epochs.verdict(two, epochs.selection_results(two, "energy"), "energy")
+    # chosen on OOD-val: 30% in both seeds against 55% / 56% at the final epoch; seed spread of the final 0.71
+    assert "gain 25.50 ± 0.71 points; better than final in 2 of 2 seeds" in text
+    assert "Verdict: the intermediate-stage effect shows, survives honest epoch selection, and is a stable" in text
+
+    one = _study({0: curves[0]})
+    text = epochs.verdict(one, epochs.selection_results(one, "energy"), "energy")
+    assert "Verdict: undecided with one seed" in text and "is 25.00 points better than the final one" in text
+    assert "(gain 25.00 points; better than final in 1 of 1 seeds)" in text and "±" not in text
+    assert "survives" not in text

@@ -106,5 +106,7 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
         == "bash scripts/device_shard.sh um,posthoc_um 1"
     assert any(line.startswith("# seed 0, row 2") and "BLOCKED (base seed 0 was trained with nondeterministic" in line
                for line in out)
+    assert "# MODELS_ONLY=1 bash scripts/device_shard.sh um,posthoc_um 0 results/cifar10/bundles/cifar10__gamma__seed0" \
+        ".tar.gz results/cifar10/bundles/cifar10__base__seed0.tar.gz" in out  # blocked: commented out
     assert any("DOES NOT FIT 9 min" in line and "paper_um not measured" in line for line in out)
     assert reproduce.main(["--profile", "cifar10", "--device-minutes", "9"]) == 2  # only with --plan

@@ -398,10 +398,15 @@ def test_a_retrained_model_must_reproduce_the_recorded_weights(machine, tmp_path
     assert shards.manifest(p, "base", 0)["precision"]["training_kernels"] == "deterministic"
 
     machine("b")
+    with pytest.raises(shards.ShardError, match=r"--models-only: stage 'base' seed 0.*no tables here.*--inputs"):
+        execute.run_shards("smoke", ["um"], [0], over, tmp_path / "bundles-b", models_only=True)  # never computes
     capsys.readouterr()
-    assert execute.run_shards("smoke", ["um"], [0], over, tmp_path / "bundles-b", inputs=a, models_only=True) == []
-    assert f"model base seed 0: re-trained here, weights digest {recorded[:12]} = the recorded one" in \
-        capsys.readouterr().out
+    # posthoc_um scores um's model: um is one of the stages, so its model is not a model to make ready here
+    assert execute.run_shards("smoke", ["um", "posthoc_um"], [0], over, tmp_path / "bundles-b", inputs=a,
+                              models_only=True) == []
+    said = capsys.readouterr().out
+    assert f"model base seed 0: re-trained here, weights digest {recorded[:12]} = the recorded one" in said
+    assert "model um" not in said
     assert not shards.done(p, "um", 0) and not (tmp_path / "bundles-b").exists()  # no stage ran, no bundle
     execute.run_shards("smoke", ["um"], [0], over, tmp_path / "bundles-b")  # the stage, on the same machine
     assert shards.manifest(p, "um", 0)["models_used"]["base"]["match"]

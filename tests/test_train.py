@@ -4,6 +4,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -239,9 +240,30 @@ def test_training_on_a_gpu_turns_on_deterministic_kernels_and_restores_them(tmp_
         assert seen == [(True, True, True, False, ":4096:8")] * 2
         assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark) == \
             (before[0], before[1], True)
+
+        def stop(epoch, model):
+            raise RuntimeError("stopped by the test")
+        with pytest.raises(RuntimeError, match="stopped by the test"):  # an interrupted run restores them too
+            train(_model(), x, y, cfg, seed=0, run_dir=tmp_path / "stopped", device=torch.device("cpu"),
+                  on_epoch_end=stop, log=lambda s: None)
+        assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark) == \
+            (before[0], before[1], True)
     finally:
         cudnn.benchmark = before[2]
     assert [h["digest"] for h in strict] == [h["digest"] for h in plain]
+    assert train_mod.training_kernels(torch.device("cpu")) == "deterministic"
+
+    # warn-only: an op without a deterministic kernel warns and the run goes on, not reproducible after all
+    monkeypatch.setattr(train_mod, "NONDETERMINISTIC_OPS", set())
+
+    def warned(epoch, model):  # the words torch uses
+        warnings.warn("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but you set "
+                      "'torch.use_deterministic_algorithms(True, warn_only=True)'.")
+    with pytest.warns(UserWarning, match="adaptive_avg_pool2d_backward_cuda does not have"):  # still shown
+        train(_model(), x, y, cfg, seed=0, run_dir=tmp_path / "warned", device=torch.device("cpu"),
+              on_epoch_end=warned, log=lambda s: None)
+    assert train_mod.training_kernels(torch.device("cpu")) == "nondeterministic: adaptive_avg_pool2d_backward_cuda"
+    monkeypatch.setattr(train_mod, "NONDETERMINISTIC_OPS", set())
     monkeypatch.setattr(train_mod, "DETERMINISTIC_DEVICES", ("cuda",))
     assert train_mod.training_kernels(torch.device("cuda")) == "deterministic"
     monkeypatch.setattr(train_mod, "DETERMINISTIC_DEVICES", ())
