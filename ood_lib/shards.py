@@ -272,15 +272,17 @@ class Runner:
         return True
 
     def model(self, name: str, seed: int) -> dict:
-        """Make sure the trained model of stage ``name`` is on this machine; return its digest and, when it had to be
-        re-trained from a shard computed elsewhere, whether the digest matches the recorded one."""
+        """Make sure the trained model of stage ``name`` is on this machine (found, installed from its bundle's
+        weights, or re-trained) and that its weights digest is the one the stage's manifest records; a different
+        one raises ShardError unless ``allow_mixed_models``. Returns the digest, the recorded one and how it came."""
         key = (name, seed)
         if key in self._checked:
             return self._checked[key]
         stage = self.stage(name)
         if not done(self.profile, name, seed):
             self._compute(name, seed)
-        recorded = manifest(self.profile, name, seed).get("final_digest")
+        recorded_by = manifest(self.profile, name, seed)
+        recorded = recorded_by.get("final_digest")
         digest = stage.digest(self.ctx, seed)
         info = {"digest": digest, "recorded": recorded, "retrained": False}
         if digest is None and self._install_weights(name, seed):
@@ -302,10 +304,9 @@ class Runner:
             self.log(f"warning: the manifest of stage {name!r} seed {seed} records no weights digest, so its model "
                      "here cannot be checked against the one its tables were computed with")
         elif digest != recorded:
-            m = manifest(self.profile, name, seed)
             said = (f"the {'re-trained ' * info['retrained']}{name} model of seed {seed} here differs from the one "
                     f"its tables were computed with (weights digest {digest[:12]} here, {recorded[:12]} recorded; "
-                    f"trained on {m.get('device')} with {_kernels(m)} kernels)")
+                    f"trained on {recorded_by.get('device')} with {_kernels(recorded_by)} kernels)")
             if not self.allow_mixed_models:
                 raise ShardError(
                     f"{said}. The stages that start from it would be refused by --merge (their seed's stages would "
