@@ -65,7 +65,7 @@ class TrainConfig:
     bf16: bool = True                # autocast training to bfloat16 on CUDA
     cpu_bf16: bool = False           # also on the CPU (cifar10-cpu: 1.6-2.3x faster where it has avx512_bf16);
                                      # evaluation is float32 everywhere (features.extract)
-    channels_last: bool = True       # channels-last memory format (on the CPU too, in float32)
+    channels_last: bool = True       # channels-last memory format (on AVX-512 CPUs too: train.CHANNELS_LAST_CPUS)
 
 
 @dataclass(frozen=True)

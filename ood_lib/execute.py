@@ -13,6 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from ood_lib import progress, shards
 from ood_lib import stages as stages_mod
 from ood_lib.config import load_profile
@@ -20,6 +22,8 @@ from ood_lib.data import DATASETS
 from ood_lib.models import PRETRAINED
 from ood_lib.paths import PROJECT_ROOT, data_dir, figures_dir, models_root, results_dir, run_bytes
 from ood_lib.report import write_report
+from ood_lib.results import cpu_model
+from ood_lib.train import native_cpu_bf16, resolve_device, training_precision
 
 
 # papermill, zmq and traitlets are imported where notebooks run: a shard command (e.g. on a device machine, whose
@@ -35,10 +39,11 @@ class RunError(Exception):
     """A run that cannot start or did not finish, explained in one paragraph (the runner prints it, no traceback)."""
 
 
-def preflight(profile, data: bool = True, stages: list[str] | None = None) -> None:
-    """Before any work: every folder the run writes is writable, and every data set the profile names and every
-    pretrained checkpoint its stages load is present (nothing is read). Raises ``RunError`` naming the folder, the
-    set or the file and the fix."""
+def preflight(profile, data: bool = True, stages: list[str] | None = None, allow_emulated_bf16: bool = False) -> None:
+    """Before any work: every folder the run writes is writable; then, for a run that computes (``data``), training in
+    bf16 on the CPU only where its kernels are native (``check_cpu_bf16``), and every data set the profile names and
+    every pretrained checkpoint its stages load present (nothing is read). Raises ``RunError`` naming the folder,
+    the set or the file and the fix."""
     for folder, var in [(results_dir(profile.name), "OOD_RESULTS_DIR"), (figures_dir(profile.name), "OOD_FIGURES_DIR"),
                         (data_dir() / "cache", "OOD_DATA_DIR")]:
         try:
@@ -51,6 +56,8 @@ def preflight(profile, data: bool = True, stages: list[str] | None = None) -> No
                            "you can write; nothing was run.") from None
     if not data:
         return
+    if not allow_emulated_bf16:
+        check_cpu_bf16(profile)
     d = profile.data
     needs = [(d.id_set, "train"), (d.id_set, "test")] + [(n, DATASETS[n].ood_split) for n in d.ood_sets]
     missing = [m for m in (DATASETS[name].present(split) for name, split in needs) if m]
@@ -64,6 +71,24 @@ def preflight(profile, data: bool = True, stages: list[str] | None = None) -> No
                            f"{PRETRAINED[name].source}.")
     if missing:
         raise RunError("\n".join(missing) + "\nNothing was run.")
+
+
+def check_cpu_bf16(profile) -> None:
+    """A profile that trains in bf16 autocast on the CPU (``train.cpu_bf16``: cifar10-cpu) is refused on a CPU
+    without native bf16 kernels (``train.native_cpu_bf16``): emulated, it runs about ten times slower than float32,
+    so a shard sized on the recipe's machines would take days; and its weights need not be those the committed
+    bundles recorded."""
+    device = resolve_device(profile.device)
+    if device.type != "cpu" or training_precision(profile.train, device) != "bf16-autocast" or native_cpu_bf16():
+        return
+    raise RunError(
+        f"profile {profile.name!r} trains in bf16 autocast on the CPU (train.cpu_bf16), but this CPU ({cpu_model()}, "
+        f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16 kernels: PyTorch emulates them, about ten "
+        "times slower than float32 (cifar10-cpu's net on an AVX2 AMD EPYC, 2 threads: 8 against 74 images/s), and "
+        "the weights need not match those trained where the kernels are native (a re-trained base is checked "
+        "against its recorded digest). Nothing was run. Run it on a CPU with AVX-512 or AMX (the recipe was sized "
+        "on an avx512_bf16 Xeon), or train in float32 with --set train.cpu_bf16=false (another recipe: its stages "
+        "get another profile digest and do not merge with the bf16 ones), or pass --allow-emulated-bf16 to go on.")
 
 
 def explain_os_error(errno_: int | None, path: str | None, what: str) -> str | None:

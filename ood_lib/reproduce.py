@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models-only", action="store_true", help="with --stages: only put the trained models these "
                     "stages start from on this machine (re-trained where their bundles carry no weights, and checked "
                     "against the recorded digest); the stages in a later command on this machine")
+    ap.add_argument("--allow-emulated-bf16", action="store_true", help="train in bf16 on the CPU as the profile "
+                    "says (train.cpu_bf16) even where this CPU has no native bf16 kernels (about ten times slower "
+                    "than float32 there)")
     jobs = ap.add_argument_group("jobs (ood_lib.cluster, docs/cluster.md)")
     jobs.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
                       help="local (default): the notebooks compute their stages in this process; slurm: every "
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not all((n, seed) in done for n in own):
                         print(shards.command(profile, own, [seed], reads, args.bundle_dir))
             return 0
-        preflight(profile, data=not args.merge, stages=_list(args.stages))
+        preflight(profile, data=not args.merge, stages=_list(args.stages), allow_emulated_bf16=args.allow_emulated_bf16)
         if args.stages:
             run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs,
                        models_only=args.models_only, allow_mixed_models=args.allow_mixed_models)

@@ -58,7 +58,7 @@ from ood_lib.atomic import atomic_write, clean_stale_tmp
 from ood_lib.features import EVAL_PRECISION
 from ood_lib.paths import PROJECT_ROOT, results_dir
 from ood_lib.progress import WORK
-from ood_lib.train import training_kernels, training_precision
+from ood_lib.train import native_cpu_bf16, training_kernels, training_precision
 
 try:
     import fcntl
@@ -239,10 +239,13 @@ def read_metrics(profile: str) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ timings
 def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or on the CPU its model, the instruction set of PyTorch's kernels (" bf16" where oneDNN has
+    bf16 kernels: ``train.native_cpu_bf16``) and the thread count, e.g. "cpu (AMD EPYC, AVX2, 2 threads)"."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    kernels = torch.backends.cpu.get_cpu_capability() + (" bf16" if native_cpu_bf16() else "")
+    return f"cpu ({cpu_model()}, {kernels}, {torch.get_num_threads()} threads)"
 
 
 @dataclass
@@ -392,6 +395,7 @@ def machine_info() -> dict:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_cpu_bf16(),
         "mkl_available": torch.backends.mkl.is_available(),
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "openmp_available": torch.backends.openmp.is_available(),

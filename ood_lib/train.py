@@ -61,9 +61,10 @@ class CheckpointDamaged(RuntimeError):
 # Device types on which training autocasts to bf16 when TrainConfig.bf16 asks for it; the CPU only where a profile
 # also sets TrainConfig.cpu_bf16 (cifar10-cpu), otherwise it trains in exact float32, deterministically. Evaluation
 # (features.extract, ODIN, the masked losses) is float32 on every device. Channels-last tensors
-# (TrainConfig.channels_last) are used on every device: in float32 on the CPU, the default profile's weights came
-# out bit-identical to the contiguous layout's at every epoch (PyTorch 2.14, this project's CPUs), at the same
-# training speed within a few percent. Tests add "cpu" here to exercise the CUDA path on a machine without a GPU.
+# (TrainConfig.channels_last) are used on every device but CPUs without AVX-512 (CHANNELS_LAST_CPUS): in float32 on
+# an AVX-512 CPU, the default profile's weights came out bit-identical to the contiguous layout's at every epoch
+# (PyTorch 2.14), at the same training speed within a few percent. Tests add "cpu" here to exercise the CUDA path
+# on a machine without a GPU.
 BF16_DEVICES = ("cuda",)
 
 
@@ -124,11 +125,37 @@ def training_kernels(device: torch.device) -> str:
     return f"nondeterministic: {', '.join(sorted(NONDETERMINISTIC_OPS))}" if NONDETERMINISTIC_OPS else "deterministic"
 
 
+# PyTorch CPU kernel sets (``cpu_capability``) on which training may use channels-last. oneDNN's AVX2 kernel for
+# the weight gradient of a 1x1 convolution in channels-last layout (jit_1x1:avx2 backward_weights, PyTorch 2.14.1)
+# hangs or corrupts memory: on a 2-core AMD EPYC (Zen 1, AVX2; 2026-12-05), 12 of 15 short training runs of a
+# width-4 ResNet in channels-last hung in their first steps or aborted ("double free or corruption"), none of 10 in
+# the contiguous layout. Training on such CPUs keeps the contiguous layout; evaluation (forward passes and ODIN's
+# input gradient, no weight gradient) ran clean there and stays channels-last everywhere.
+CHANNELS_LAST_CPUS = ("AVX512",)
+
+
+def cpu_capability() -> str:
+    """The instruction set of PyTorch's CPU kernels on this machine ("AVX2", "AVX512", "DEFAULT", ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def fast_paths(device: torch.device, bf16: bool, channels_last: bool, cpu_bf16: bool = False) -> tuple[bool, bool]:
     """(bf16 autocast, channels-last) of a training run on ``device``: bf16 where asked for on a device of
-    BF16_DEVICES, or on the CPU with ``cpu_bf16``; channels-last wherever asked for."""
+    BF16_DEVICES, or on the CPU with ``cpu_bf16``; channels-last where asked for, on the CPU only where its kernels
+    are among CHANNELS_LAST_CPUS."""
     on = device.type in BF16_DEVICES or (device.type == "cpu" and cpu_bf16)
-    return on and bf16, channels_last
+    return on and bf16, channels_last and (device.type != "cpu" or cpu_capability() in CHANNELS_LAST_CPUS)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (x86 with AVX-512 or AMX; PyTorch's own check). Elsewhere CPU
+    bf16 autocast is emulated and far slower than float32: cifar10-cpu's net (ResNet-18 at width 24, batch 64,
+    2 threads) trained at 8 images/s in bf16 against 74 in float32 on an AVX2 AMD EPYC (2026-12-05), where an
+    avx512_bf16 Xeon of the same size trains it at about 360 images/s in bf16."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def training_precision(cfg: TrainConfig, device: torch.device) -> str:

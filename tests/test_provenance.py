@@ -67,6 +67,16 @@ def test_machine_info_here():
         if names:
             assert m["processor"] == names[0]
     assert isinstance(m["mkl_available"], bool) and isinstance(m["mkldnn_available"], bool)
+    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").exists():  # native bf16 against the CPU's own flags
+        flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), []))
+        if flags & {"avx512_bf16", "amx_bf16"}:
+            assert m["native_bf16"] is True
+        if not any(f.startswith("avx512") or f.startswith("amx") for f in flags):
+            assert m["native_bf16"] is False
+    name = results.device_name("cpu")
+    assert name.startswith(f"cpu ({m['processor']}, {m['cpu_capability']}") and name.endswith(
+        f"{' bf16' * m['native_bf16']}, {torch.get_num_threads()} threads)"), name
     assert m["mkl_available"] == torch.backends.mkl.is_available()
     assert m["blas"] and m["math_library"].startswith(f"BLAS {m['blas']}")
     if m["mkl_available"]:
