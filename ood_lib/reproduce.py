@@ -15,8 +15,9 @@
         complete, on the seeds they are complete for, without training anything; then report.html.
 
     python -m ood_lib.reproduce --profile cifar10 --plan [--bundle-dir DIR]
-        every (stage, seed) of the profile: done or not; then the command of each shard still to run, in the
-        order that answers notebooks 01 and 03 first, with the bundles it reads (``stages.shard_plan``).
+        every (stage, seed) of the profile: done or not (a shard here, or an intact bundle in the bundle folder of
+        this profile's settings, e.g. a committed one); then the command of each shard still to run, in the order
+        that answers notebooks 01 and 03 first, with the bundles it reads (``stages.shard_plan``).
         With --device-minutes M: those shards as lent-GPU commands (scripts/device_shard.sh) of at most M minutes
         each where they can be, sized from the stages measured here on a GPU (``shards.device_plan``).
 
@@ -42,6 +43,7 @@ from pathlib import Path
 from ood_lib import stages as stages_mod
 from ood_lib.config import ProfileError, available_profiles, parse_override
 from ood_lib.execute import RunError, explain_os_error, preflight, run, run_shards
+from ood_lib.paths import results_dir
 
 def _list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                          "the stages measured here say they fit")
     ap.add_argument("--seeds", default=None, help="with --stages: comma-separated seeds (default: the profile's)")
     ap.add_argument("--bundle-dir", type=Path, default=None, help="with --stages: where bundles go; with --plan: "
-                    "where the printed commands put and read them (default: results/<profile>/bundles)")
+                    "where the printed commands put and read them, and where bundles count as done "
+                    "(default: results/<profile>/bundles)")
     ap.add_argument("--inputs", nargs="+", type=Path, default=[], metavar="BUNDLE",
                     help="with --stages: bundles from other machines that these stages read")
     ap.add_argument("--allow-mixed-code", action="store_true", help="with --merge: accept bundles computed by "
@@ -186,16 +189,29 @@ def main(argv: list[str] | None = None) -> int:
                  TrainingDiverged)  # their messages name the file or value and the way out: no traceback
     try:
         if args.plan:
-            table = shards.plan(profile)
+            folder = args.bundle_dir or results_dir(profile.name) / "bundles"  # where the shard commands put them
+            table = shards.plan(profile, folder)
             print(table.to_string(index=False))
+            for (stage, seed), why in shards.bundled(profile, folder).items() if folder.is_dir() else ():
+                if isinstance(why, str):
+                    print(f"# stage {stage} seed {seed} does not count as done: {why}")
             done = set(zip(table[table.done].stage, table[table.done].seed))
             if args.device_minutes is not None:
                 _print_device_plan(profile, done, args.device_minutes, args.bundle_dir)
                 return 0
+            seconds = dict(zip(zip(table.stage, table.seed), table.seconds))
             for seed in profile.seeds:
                 for own, reads in stages_mod.shard_plan(profile, seed):
-                    if not all((n, seed) in done for n in own):
-                        print(shards.command(profile, own, [seed], reads, args.bundle_dir))
+                    if all((n, seed) in done for n in own):
+                        continue
+                    for m in shards.weights_missing(profile, own, seed, folder):
+                        if (m, seed) not in done:
+                            continue  # the shard that makes it comes first, on the same machine
+                        took = seconds.get((m, seed))
+                        print(f"# it re-trains {m} of seed {seed} first: its final weights are neither on this "
+                              f"machine nor beside its bundle" + (f" ({m}'s shard took {took / 60:.0f} min)"
+                                                                   if took == took and took else ""))
+                    print(shards.command(profile, own, [seed], reads, args.bundle_dir))
             return 0
         preflight(profile, data=not args.merge, stages=_list(args.stages), allow_emulated_bf16=args.allow_emulated_bf16)
         if args.stages:

@@ -541,16 +541,52 @@ def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = Fa
     return sorted(seen)
 
 
-def plan(profile: Profile) -> pd.DataFrame:
-    """Every (stage, seed) of the profile: done or not, where and how long it ran, and what it needs first."""
+def bundled(profile: Profile, folder: Path | str) -> dict[tuple[str, int], dict | str]:
+    """The bundles of ``profile`` in ``folder`` (e.g. committed ones not merged here): (stage, seed) -> the manifest
+    of an intact bundle of this profile's settings, or, for a bundle that cannot count, why not (damaged, other
+    settings). Nothing is extracted or merged."""
+    found: dict[tuple[str, int], dict | str] = {}
+    for path in sorted(Path(folder).glob(f"{profile.name}__*__seed*.tar.gz")):
+        try:
+            m, _ = _open_bundle(path)
+        except ShardError as e:
+            stage, seed = path.name.removesuffix(".tar.gz").split("__")[1:3]
+            if seed.removeprefix("seed").isdigit():
+                found[(stage, int(seed.removeprefix("seed")))] = f"damaged bundle ({e})"
+            continue
+        key = (m["stage"], int(m["seed"]))
+        found[key] = m if m["profile_digest"] == profile_digest(profile) else (
+            f"bundle of other settings (profile digest {m['profile_digest']}, here {profile_digest(profile)})")
+    return found
+
+
+def plan(profile: Profile, bundle_dir: Path | str | None = None) -> pd.DataFrame:
+    """Every (stage, seed) of the profile: done or not, where it is (``here``: a shard of this machine's results;
+    ``bundle``: an intact bundle in ``bundle_dir`` of this profile's settings, not merged yet), where and how long it
+    ran, and what it needs first. A bundle there that cannot count leaves its shard not done, with the reason."""
+    found = bundled(profile, bundle_dir) if bundle_dir is not None and Path(bundle_dir).is_dir() else {}
     rows = []
     for name, s in stages_mod.stages(profile).items():
         for seed in s.runs_for(profile):
-            m = manifest(profile, name, seed)
-            rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None,
+            m, where = manifest(profile, name, seed), "here"
+            if m is None:
+                b = found.get((name, seed))
+                m, where = (b, "bundle") if isinstance(b, dict) else (None, b.split(" (")[0] if b else "")
+            rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None, "where": where,
                          "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
                          "needs tables of": ",".join(s.inputs), "needs weights of": ",".join(s.models)})
     return pd.DataFrame(rows)
+
+
+def weights_missing(profile: Profile, own: Iterable[str], seed: int, bundle_dir: Path | str) -> list[str]:
+    """The models the shard of stages ``own`` starts from whose final weights are neither on this machine nor beside
+    their bundle in ``bundle_dir``: the shard re-trains them first (and checks the recorded digest)."""
+    registry, own = stages_mod.stages(profile), list(own)
+    ctx = stages_mod.Context(profile, log=lambda _: None)
+    needed = dict.fromkeys(m for n in own for m in registry[n].models if m not in own)
+    return [m for m in needed if registry[m].checkpoint is not None
+            and not registry[m].checkpoint(ctx, seed).exists()
+            and not weights_beside(Path(bundle_dir) / bundle_name(profile, m, seed)).is_file()]
 
 
 # A device command's start-up beyond its stages (Python and torch import, data decoding, CUDA context): an allowance,

@@ -53,6 +53,48 @@ def test_plan_prints_each_missing_shard_with_the_bundles_it_reads(machine, capsy
                        f"{tmp_path / 'b'}/cifar10-cpu__base__seed1.tar.gz")
 
 
+def test_plan_counts_the_bundles_in_the_bundle_folder_and_says_what_a_shard_re_trains(machine, capsys, tmp_path):
+    """Issue 17: on a fresh machine, the committed bundles are the study's state. --plan counts an intact bundle of
+    this profile's settings as done without merging it, names a bundle that cannot count and why, prints only the
+    commands still to run, and says which of them re-train a model whose weights did not travel."""
+    folder = tmp_path / "bundles"
+    p = load_profile("cifar10-cpu")
+    machine("a")
+    for stage in ("base", "atypical", "gamma", "posthoc_base", "ft_ce"):
+        _measured(p, stage, 1, 1200.0 if stage == "base" else 60.0, device="cpu (x86_64, 2 threads)")
+        shards.pack(p, stage, 1, folder)
+    other = load_profile("cifar10-cpu", {"train.epochs": 3})
+    _measured(other, "base", 2, 30.0)
+    shards.pack(other, "base", 2, folder)
+    (folder / "cifar10-cpu__ft_ce__seed1.tar.gz").write_bytes(b"cut short")
+    machine("b")  # a fresh machine with the committed bundles only
+
+    table = shards.plan(p, folder).set_index(["stage", "seed"])
+    assert table.loc[("base", 1), "done"] and table.loc[("base", 1), "where"] == "bundle"
+    assert table.loc[("base", 1), "seconds"] == 1200.0
+    assert not table.loc[("ft_ce", 1), "done"] and table.loc[("ft_ce", 1), "where"] == "damaged bundle"
+    assert not table.loc[("base", 2), "done"] and table.loc[("base", 2), "where"] == "bundle of other settings"
+    assert not table.loc[("base", 0), "done"] and table.loc[("base", 0), "where"] == ""
+    assert not shards.plan(p).done.any()  # without the folder: nothing is here
+
+    assert reproduce.main(["--profile", "cifar10-cpu", "--plan", "--bundle-dir", str(folder)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    commands = [line for line in out if line.startswith("python -m ood_lib.reproduce")]
+    assert not any("--stages base,atypical,gamma,posthoc_base --seeds 1 " in c for c in commands)  # in bundles
+    assert sum("--stages base,atypical,gamma,posthoc_base --seeds 2 " in c for c in commands) == 1  # other settings
+    assert sum("--stages ft_ce --seeds 1 " in c for c in commands) == 1  # damaged
+    assert any(line.startswith("# stage ft_ce seed 1 does not count as done: damaged bundle") for line in out)
+    assert any(line.startswith("# stage base seed 2 does not count as done: bundle of other settings")
+               for line in out)
+    um = next(i for i, c in enumerate(out) if "--stages um,posthoc_um --seeds 1 " in c)
+    assert out[um - 1] == ("# it re-trains base of seed 1 first: its final weights are neither on this machine nor "
+                           "beside its bundle (base's shard took 20 min)")
+    seed2 = next(i for i, c in enumerate(out) if "--stages um,posthoc_um --seeds 2 " in c)
+    assert not out[seed2 - 1].startswith("#")  # seed 2's base comes from the command before it, on this machine
+    shards.weights_beside(folder / "cifar10-cpu__base__seed1.tar.gz").write_bytes(b"weights")
+    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, folder) == []
+
+
 def _measured(p, stage, seed, seconds, device="NVIDIA H200", train_seconds=None):
     import pandas as pd
     tables = {"rows": pd.DataFrame({"value": [0.5]})}
