@@ -30,8 +30,8 @@ from ood_lib.paths import PROJECT_ROOT
 
 DEVICE_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "PyYAML", "pillow", "tqdm")
 
-# cifar10 shrunk: 2 epochs on 256 images of a tiny net; notebook 06 fine-tunes the authors' DenseNet-BC-100 once
-TINY = {"data.train_size": 256, "data.id_val_size": 64, "data.id_test_size": 96, "data.ood_size": 64,
+# cifar10 shrunk: 2 epochs on 128 images of a tiny net; notebook 06 fine-tunes the authors' DenseNet-BC-100 once
+TINY = {"data.train_size": 128, "data.id_val_size": 64, "data.id_test_size": 64, "data.ood_size": 64,
         "data.ood_sets": ["tinyimagenet32", "mnist"],
         "model.arch": "resnet_small", "model.options": {"width": 4, "blocks": [1, 1, 1]}, "train.epochs": 2,
         "train.batch_size": 64, "eval.detectors": ["msp", "energy", "odin"], "eval.batch_size": 128,

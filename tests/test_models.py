@@ -210,7 +210,7 @@ def test_pretrained_accuracy_on_cifar10_jpeg(name, cifar10_test_subset):
     assert len(y) == 2000 and torch.equal(torch.bincount(y), torch.full((10,), 200))
     model = load_pretrained(name)
     with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+        pred = torch.cat([model(x[i:i + 100]).argmax(1) for i in range(0, len(x), 100)])  # 100: faster on 2 cores
     accuracy = (pred == y).float().mean().item()
     assert 0.75 <= accuracy <= 0.90, f"{name}: top-1 {accuracy:.4f} on 2,000 CIFAR-10 JPEG test images"
 
