@@ -194,26 +194,30 @@ def atypicality_views(scores: pd.DataFrame, top: pd.Series):
 
 def gallery(images, labels, preds, most: dict, least: dict, class_names: list[str]):
     """Per class (rows): the most atypical images (left) and the most typical (right). ``images`` uint8
-    (N, C, H, W); ``most``/``least`` map class -> indices. A prediction differing from the label is shown in red."""
+    (N, C, H, W); ``most``/``least`` map class -> indices. A prediction differing from the label is named above its
+    image in red. One mosaic in one axes (a grid of 10 x 11 axes took ~10 s to draw on 2 cores)."""
     classes = sorted(most)
     g = max(len(v) for v in most.values())
-    fig, axes = plt.subplots(len(classes), 2 * g + 1, figsize=(2 * COLUMN_WIDTH, 0.42 * len(classes) * 2 + 0.4))
+    _, _, h, w = images.shape
+    gap, head = max(w // 8, 2), max(h // 3, 6)       # between images; above each row, for the red predictions
+    cell_w, cell_h = w + gap, h + head
+    mosaic = np.full((len(classes) * cell_h, (2 * g + 1) * cell_w, 3), 255, dtype=np.uint8)
+    fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 0.42 * len(classes) * 2 + 0.4))
     for r, c in enumerate(classes):
         for j, idx in enumerate(list(most[c]) + [None] + list(least[c])):
-            ax = axes[r, j]
-            ax.set_axis_off()
             if idx is None:
                 continue
             img = images[idx].permute(1, 2, 0).numpy()
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            wrong = preds[idx] != labels[idx]
-            ax.set_title(f"→{class_names[preds[idx]][:7]}" if wrong else "", fontsize=5, color=PALETTE[3], pad=1)
-        axes[r, 0].text(-0.15, 0.5, class_names[c][:11], transform=axes[r, 0].transAxes, ha="right", va="center",
-                        fontsize=6)
-    axes[0, g // 2].text(0.5, 1.6, "most atypical", transform=axes[0, g // 2].transAxes, ha="center", fontsize=7)
-    axes[0, g + 1 + g // 2].text(0.5, 1.6, "most typical", transform=axes[0, g + 1 + g // 2].transAxes,
-                                 ha="center", fontsize=7)
-    fig.subplots_adjust(wspace=0.05, hspace=0.35)
+            y, x = r * cell_h + head, j * cell_w
+            mosaic[y:y + h, x:x + w] = img if img.shape[-1] == 3 else img[..., :1]
+            if preds[idx] != labels[idx]:
+                ax.text(x + w / 2, y - 1, f"→{class_names[preds[idx]][:7]}", ha="center", va="bottom", fontsize=5,
+                        color=PALETTE[3])
+        ax.text(-gap, r * cell_h + head + h / 2, class_names[c][:11], ha="right", va="center", fontsize=6)
+    ax.imshow(mosaic)
+    for j, title in ((g // 2, "most atypical"), (g + 1 + g // 2, "most typical")):
+        ax.text(j * cell_w + w / 2, -head, title, ha="center", va="bottom", fontsize=7)
+    ax.set_axis_off()
     return fig
 
 

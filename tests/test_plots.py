@@ -37,3 +37,39 @@ def test_figure1_draws_the_seed_means_per_set_and_their_mean():
     acc = rows[rows.metric == "id_acc"].groupby("epoch").value.mean().to_numpy() * 100
     assert len(twins) == 3 and np.allclose(twins[0].lines[0].get_ydata(), acc)
     assert np.allclose(twins[0].lines[1].get_ydata(), hist.groupby("epoch").train_acc.mean().to_numpy() * 100)
+
+
+def test_gallery_puts_each_image_in_its_row_and_column_and_names_the_wrong_predictions():
+    """plots.gallery: row c holds class c's most atypical images, a blank column, then its most typical ones, each
+    image unchanged (grey ones as grey RGB); a red label names the prediction only where it differs."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (12, 3, 8, 8), dtype=np.uint8))
+    labels = np.array([0] * 6 + [1] * 6)
+    preds = labels.copy()
+    preds[[1, 7]] = [1, 0]
+    most, least = {0: [0, 1], 1: [6, 7]}, {0: [5, 4], 1: [11, 10]}
+    fig = plots.gallery(images, labels, preds, most, least, ["cat", "dog"])
+    (ax,) = fig.axes
+    mosaic = ax.get_images()[0].get_array()
+    h, w = 8, 8
+    cells = [(m, r, c) for m in (most, least) for r in (0, 1) for c in range(2)]
+    boxes = [(y, x) for y in range(mosaic.shape[0] - h + 1) for x in range(mosaic.shape[1] - w + 1)]
+    where = {}
+    for i in range(12):
+        want = images[i].permute(1, 2, 0).numpy()
+        where[i] = [(y, x) for y, x in boxes if np.array_equal(mosaic[y:y + h, x:x + w], want)]
+    rows = sorted({y for i in (0, 1, 6, 7) for y, _ in where[i]})
+    cols = sorted({x for i in (0, 1, 5, 4) for _, x in where[i]})
+    assert len(rows) == 2 and len(cols) == 4 and cols[2] - cols[1] > cols[1] - cols[0]  # a blank column between
+    for m, r, c in cells:
+        i = m[r][c]
+        col = c if m is most else 2 + c
+        assert where[i] == [(rows[r], cols[col])], (i, where[i])
+    assert not where[2] and not where[3] and not where[8] and not where[9]  # not picked: not shown
+    red = sorted(t.get_text() for t in ax.texts if t.get_color() == plots.PALETTE[3])
+    assert red == ["→cat", "→dog"]
+    grey = plots.gallery(images[:, :1], labels, preds, most, least, ["cat", "dog"]).axes[0].get_images()[0]
+    first = grey.get_array()[rows[0]:rows[0] + h, cols[0]:cols[0] + w]
+    assert (first == images[0, 0].numpy()[..., None]).all()
