@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# stage {stage} seed {seed} does not count as done: {why}")
             done = set(zip(table[table.done].stage, table[table.done].seed))
             if args.device_minutes is not None:
-                _print_device_plan(profile, done, args.device_minutes, args.bundle_dir)
+                _print_device_plan(profile, done, args.device_minutes, args.bundle_dir, folder)
                 return 0
             seconds = dict(zip(zip(table.stage, table.seed), table.seconds))
             for seed in profile.seeds:
@@ -234,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _print_device_plan(profile, done: set, minutes: float, bundle_dir: Path | None) -> None:
+def _print_device_plan(profile, done: set, minutes: float, bundle_dir: Path | None, folder: Path) -> None:
     from ood_lib import shards
     for seed in profile.seeds:
         said = ""
-        for piece in shards.device_plan(profile, seed, minutes * 60):
+        for piece in shards.device_plan(profile, seed, minutes * 60, folder):
             if all((n, seed) in done for n in piece.stages):
                 continue
             size = "size unknown" if piece.seconds is None else f"~{piece.seconds / 60:.1f} min"

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import tarfile
 import tempfile
 import time
@@ -560,18 +561,43 @@ def bundled(profile: Profile, folder: Path | str) -> dict[tuple[str, int], dict 
     return found
 
 
+def _done(profile: Profile, bundle_dir: Path | str | None) -> dict[tuple[str, int], tuple[dict, Path | None]]:
+    """Every shard done, with its manifest: (manifest, None) for a shard here; (manifest, bundle) for an intact
+    bundle in ``bundle_dir`` of this profile's settings (a shard here wins)."""
+    out = {}
+    if bundle_dir is not None and Path(bundle_dir).is_dir():
+        out = {key: (m, Path(bundle_dir) / bundle_name(profile, *key))
+               for key, m in bundled(profile, bundle_dir).items() if isinstance(m, dict)}
+    for name, s in stages_mod.stages(profile).items():
+        for seed in s.runs_for(profile):
+            m = manifest(profile, name, seed)
+            if m is not None:
+                out[(name, seed)] = (m, None)
+    return out
+
+
+def _table(profile: Profile, key: tuple[str, int], done: dict, name: str) -> pd.DataFrame | None:
+    """Table ``name`` of a shard done (``_done``): read here, or from its bundle; None if it has none."""
+    m, bundle = done[key]
+    if name not in m["tables"]:
+        return None
+    if bundle is None:
+        return read(profile, *key)[name]
+    return _read_csv(io.BytesIO(_open_bundle(bundle)[1][f"{name}.csv"]), m["text_columns"][name])
+
+
 def plan(profile: Profile, bundle_dir: Path | str | None = None) -> pd.DataFrame:
     """Every (stage, seed) of the profile: done or not, where it is (``here``: a shard of this machine's results;
     ``bundle``: an intact bundle in ``bundle_dir`` of this profile's settings, not merged yet), where and how long it
     ran, and what it needs first. A bundle there that cannot count leaves its shard not done, with the reason."""
+    done = _done(profile, bundle_dir)
     found = bundled(profile, bundle_dir) if bundle_dir is not None and Path(bundle_dir).is_dir() else {}
     rows = []
     for name, s in stages_mod.stages(profile).items():
         for seed in s.runs_for(profile):
-            m, where = manifest(profile, name, seed), "here"
-            if m is None:
-                b = found.get((name, seed))
-                m, where = (b, "bundle") if isinstance(b, dict) else (None, b.split(" (")[0] if b else "")
+            m, bundle = done.get((name, seed), (None, None))
+            why = found.get((name, seed))
+            where = ("bundle" if bundle else "here") if m else why.split(" (")[0] if isinstance(why, str) else ""
             rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None, "where": where,
                          "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
                          "needs tables of": ",".join(s.inputs), "needs weights of": ",".join(s.models)})
@@ -610,33 +636,39 @@ class Piece:
         return not self.blocked and self.seconds is not None and self.seconds <= budget_s
 
 
-def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
+def device_plan(profile: Profile, seed: int, budget_s: float, bundle_dir: Path | str | None = None) -> list[Piece]:
     """The shard plan of ``seed`` cut into device commands of at most ``budget_s`` seconds where it can be.
 
-    Sizes come from the stages measured here on a GPU (manifests of any seed, after ``--merge``; the median per
-    stage): a stage measured is taken as it ran; one that trains ``Stage.epochs`` on the base model's training set
-    is scaled from ``base``'s seconds per epoch (its per-epoch scoring included); one that trains nothing is sized
-    as a measured one of its notebook that trains nothing either (``posthoc_um`` as ``posthoc_base``); anything else
-    is unsized. A row that starts from a model whose final weights did not travel with its bundle (ResNet-18:
-    45 MB) re-trains it first: that model's measured training seconds are added, in a piece of its own
-    (``Piece.models_only``) where the re-training and the row's first stage do not fit in one budget. The
-    re-training must reproduce the recorded weights, so a row whose model was trained with nondeterministic kernels
-    (a GPU before ``train.deterministic_kernels``) is ``Piece.blocked``. A row longer than the budget is cut between
-    stages; the later pieces read the run folders of the first, so they must run on the same machine while it is
-    warm. A single stage longer than the budget stays one piece that does not fit (``Piece.fits``)."""
+    Sizes come from the stages measured on a GPU (manifests of any seed, here after ``--merge`` or in the bundles of
+    ``bundle_dir``; the median per stage): a stage measured is taken as it ran; one that trains ``Stage.epochs`` on
+    the base model's training set is scaled from ``base``'s seconds per epoch (its per-epoch scoring included); one
+    that trains nothing is sized as a measured one of its notebook that trains nothing either (``posthoc_um`` as
+    ``posthoc_base``); anything else is unsized. A row that starts from a model whose final weights did not travel
+    with its bundle (ResNet-18: 45 MB) re-trains it first: that model's measured training seconds (median over
+    seeds) are added, in a piece of its own (``Piece.models_only``) where the re-training and the row's first stage
+    do not fit in one budget. The re-training must reproduce the recorded weights, so a row whose model was trained
+    with nondeterministic kernels (a GPU before ``train.deterministic_kernels``) is ``Piece.blocked``. A row longer
+    than the budget is cut between stages; the later pieces read the run folders of the first, so they must run on
+    the same machine while it is warm. A single stage longer than the budget stays one piece that does not fit
+    (``Piece.fits``)."""
     registry = stages_mod.stages(profile)
-    gpu = [(name, s) for name, s in plan(profile).query("done")[["stage", "seed"]].itertuples(index=False)
-           if not str(manifest(profile, name, s)["device"]).startswith("cpu")]
-    measured = pd.DataFrame([{"stage": n, "seed": s, "seconds": manifest(profile, n, s)["seconds"]} for n, s in gpu],
+    done = _done(profile, bundle_dir)
+
+    def manifest_of(name: str, s: int) -> dict | None:
+        return done.get((name, s), (None, None))[0]
+
+    gpu = [key for key, (m, _) in done.items() if not str(m["device"]).startswith("cpu")]
+    measured = pd.DataFrame([{"stage": n, "seed": s, "seconds": manifest_of(n, s)["seconds"]} for n, s in gpu],
                             columns=["stage", "seed", "seconds"]).groupby("stage")["seconds"].median().to_dict()
     base_epochs = registry["base"].epochs(profile) if "base" in registry else None
     per_epoch = measured["base"] / base_epochs if "base" in measured and base_epochs else None
-    trained = {}  # model stage -> seconds of training alone (what a re-training costs)
+    runs: dict[str, list[float]] = {}  # model stage -> seconds of training alone (what a re-training costs)
     for n, s in gpu:
         if registry[n].train is not None:
-            history = read(profile, n, s).get("history")
+            history = _table(profile, (n, s), done, "history")
             if history is not None and "train_seconds" in history:
-                trained[n] = float(history["train_seconds"].sum())
+                runs.setdefault(n, []).append(float(history["train_seconds"].sum()))
+    trained = {n: float(statistics.median(v)) for n, v in runs.items()}  # the median over seeds, like ``measured``
 
     def estimate(name: str) -> tuple[float | None, str]:
         stage = registry[name]
@@ -653,12 +685,12 @@ def device_plan(profile: Profile, seed: int, budget_s: float) -> list[Piece]:
     pieces = []
     for row, (own, reads) in enumerate(stages_mod.shard_plan(profile, seed), 1):
         retrain = [m for m in dict.fromkeys(m for n in own for m in registry[n].models) if m not in own
-                   and not (manifest(profile, m, seed) or {}).get("weights")]
+                   and not (manifest_of(m, seed) or {}).get("weights")]
         first, notes, blocked = STARTUP_SECONDS, [], []
         for m in retrain:
             first = first + trained[m] if m in trained and first is not None else None
             notes.append(f"re-trains {m} first (its weights do not travel)")
-            done_m = manifest(profile, m, seed)
+            done_m = manifest_of(m, seed)
             if done_m is not None and _kernels(done_m) == "deterministic":
                 notes.append(f"its digest is reproducible on a {done_m['device']} with torch {done_m.get('torch')} "
                              f"and this training code only")

@@ -103,6 +103,24 @@ def _measured(p, stage, seed, seconds, device="NVIDIA H200", train_seconds=None)
     shards._write(p, stage, seed, tables, {"seconds": seconds, "device": device})
 
 
+def test_device_plan_is_sized_from_committed_bundles_as_from_merged_shards(machine, tmp_path):
+    """A fresh machine has the committed bundles only: the device plan reads their manifests and training histories
+    as it reads merged shards, so its sizes, re-trainings and blocks are the same."""
+    p = load_profile("cifar10")
+    machine("gpu")
+    _measured(p, "base", 0, 432.0, train_seconds=192.0)
+    _measured(p, "base", 1, 440.0, train_seconds=200.0)
+    _measured(p, "gamma", 1, 25.0)
+    for stage, seed in (("base", 0), ("base", 1), ("gamma", 1)):
+        shards.pack(p, stage, seed, tmp_path / "bundles")
+    merged = {seed: shards.device_plan(p, seed, 540) for seed in (0, 1, 2)}
+    retrain = next(x for x in merged[2] if x.row == 2 and x.models_only)  # seed 2's base: not done anywhere
+    assert retrain.seconds == shards.STARTUP_SECONDS + 196.0  # the median of the two trainings
+    machine("fresh")
+    assert all(x.seconds is None for x in shards.device_plan(p, 1, 540))  # nothing is known here
+    assert {seed: shards.device_plan(p, seed, 540, tmp_path / "bundles") for seed in (0, 1, 2)} == merged
+
+
 def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(machine, capsys):
     """Issue 18: --plan --device-minutes sizes each row from the GPU stages measured (here: the H200's seconds of
     2026-12-04), adds the base re-training where its weights do not travel, cuts a row between stages onto the
