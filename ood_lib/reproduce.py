@@ -192,14 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = args.bundle_dir or results_dir(profile.name) / "bundles"  # where the shard commands put them
             table = shards.plan(profile, folder)
             print(table.to_string(index=False))
-            for (stage, seed), why in shards.bundled(profile, folder).items() if folder.is_dir() else ():
-                if isinstance(why, str):
-                    print(f"# stage {stage} seed {seed} does not count as done: {why}")
             done = set(zip(table[table.done].stage, table[table.done].seed))
+            for (stage, seed), (why, path) in shards.bundled(profile, folder).items():
+                if isinstance(why, str) and (stage, seed) not in done:
+                    print(f"# stage {stage} seed {seed} does not count as done: {path.name} is a {why}")
             if args.device_minutes is not None:
                 _print_device_plan(profile, done, args.device_minutes, args.bundle_dir, folder)
                 return 0
-            seconds = dict(zip(zip(table.stage, table.seed), table.seconds))
             for seed in profile.seeds:
                 for own, reads in stages_mod.shard_plan(profile, seed):
                     if all((n, seed) in done for n in own):
@@ -207,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                     for m in shards.weights_missing(profile, own, seed, folder):
                         if (m, seed) not in done:
                             continue  # the shard that makes it comes first, on the same machine
-                        took = seconds.get((m, seed))
+                        took = shards.training_seconds(profile, m, seed, folder)
                         print(f"# it re-trains {m} of seed {seed} first: its final weights are neither on this "
-                              f"machine nor beside its bundle" + (f" ({m}'s shard took {took / 60:.0f} min)"
-                                                                   if took == took and took else ""))
+                              f"machine nor beside its bundle" + (f" ({m} trained for {took / 60:.0f} min)"
+                                                                   if took else ""))
                     print(shards.command(profile, own, [seed], reads, args.bundle_dir))
             return 0
         preflight(profile, data=not args.merge, stages=_list(args.stages), allow_emulated_bf16=args.allow_emulated_bf16)

@@ -542,32 +542,47 @@ def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = Fa
     return sorted(seen)
 
 
-def bundled(profile: Profile, folder: Path | str) -> dict[tuple[str, int], dict | str]:
-    """The bundles of ``profile`` in ``folder`` (e.g. committed ones not merged here): (stage, seed) -> the manifest
-    of an intact bundle of this profile's settings, or, for a bundle that cannot count, why not (damaged, other
-    settings). Nothing is extracted or merged."""
-    found: dict[tuple[str, int], dict | str] = {}
+def bundled(profile: Profile, folder: Path | str | None) -> dict[tuple[str, int], tuple[dict | str, Path]]:
+    """The bundles of ``profile`` in ``folder`` (e.g. committed ones not merged here): (stage, seed) -> (the manifest
+    of an intact bundle of this profile, of one of its stages and of its settings, or why the bundle cannot count;
+    the file). Where two files claim one shard, an intact one wins. Nothing is extracted or merged; a bundle that
+    counts may still be refused by ``merge`` (other code versions, or other weights of a model)."""
+    found: dict[tuple[str, int], tuple[dict | str, Path]] = {}
+    if folder is None or not Path(folder).is_dir():
+        return found
+    registry = stages_mod.stages(profile)
     for path in sorted(Path(folder).glob(f"{profile.name}__*__seed*.tar.gz")):
+        parts = path.name.removesuffix(".tar.gz").split("__")
+        if len(parts) != 3 or not parts[2].removeprefix("seed").isdigit():
+            continue  # not a name ``bundle_name`` writes
+        key = (parts[1], int(parts[2].removeprefix("seed")))
         try:
             m, _ = _open_bundle(path)
         except ShardError as e:
-            stage, seed = path.name.removesuffix(".tar.gz").split("__")[1:3]
-            if seed.removeprefix("seed").isdigit():
-                found[(stage, int(seed.removeprefix("seed")))] = f"damaged bundle ({e})"
-            continue
-        key = (m["stage"], int(m["seed"]))
-        found[key] = m if m["profile_digest"] == profile_digest(profile) else (
-            f"bundle of other settings (profile digest {m['profile_digest']}, here {profile_digest(profile)})")
+            entry: dict | str = f"damaged bundle ({e})"
+        else:
+            if (m["profile"], m["stage"], int(m["seed"])) != (profile.name, *key):
+                entry = (f"misnamed bundle (its manifest: profile {m['profile']!r}, stage {m['stage']!r}, seed "
+                         f"{m['seed']})")
+            elif m["stage"] not in registry:
+                entry = f"bundle of a stage this profile does not have ({m['stage']!r})"
+            elif m["profile_digest"] != profile_digest(profile):
+                entry = (f"bundle of other settings (profile digest {m['profile_digest']}, here "
+                         f"{profile_digest(profile)})")
+            else:
+                entry = m
+        if key not in found or not isinstance(found[key][0], dict):
+            found[key] = (entry, path)
     return found
 
 
-def _done(profile: Profile, bundle_dir: Path | str | None) -> dict[tuple[str, int], tuple[dict, Path | None]]:
+def _done(profile: Profile, bundle_dir: Path | str | None,
+          found: dict | None = None) -> dict[tuple[str, int], tuple[dict, Path | None]]:
     """Every shard done, with its manifest: (manifest, None) for a shard here; (manifest, bundle) for an intact
-    bundle in ``bundle_dir`` of this profile's settings (a shard here wins)."""
-    out = {}
-    if bundle_dir is not None and Path(bundle_dir).is_dir():
-        out = {key: (m, Path(bundle_dir) / bundle_name(profile, *key))
-               for key, m in bundled(profile, bundle_dir).items() if isinstance(m, dict)}
+    bundle in ``bundle_dir`` of this profile's settings (a shard here wins). ``found``: ``bundled``'s answer, if
+    already read."""
+    found = bundled(profile, bundle_dir) if found is None else found
+    out = {key: (m, path) for key, (m, path) in found.items() if isinstance(m, dict)}
     for name, s in stages_mod.stages(profile).items():
         for seed in s.runs_for(profile):
             m = manifest(profile, name, seed)
@@ -588,15 +603,15 @@ def _table(profile: Profile, key: tuple[str, int], done: dict, name: str) -> pd.
 
 def plan(profile: Profile, bundle_dir: Path | str | None = None) -> pd.DataFrame:
     """Every (stage, seed) of the profile: done or not, where it is (``here``: a shard of this machine's results;
-    ``bundle``: an intact bundle in ``bundle_dir`` of this profile's settings, not merged yet), where and how long it
-    ran, and what it needs first. A bundle there that cannot count leaves its shard not done, with the reason."""
-    done = _done(profile, bundle_dir)
-    found = bundled(profile, bundle_dir) if bundle_dir is not None and Path(bundle_dir).is_dir() else {}
+    ``bundle``: an intact bundle in ``bundle_dir`` of this profile's settings, not merged yet; else why a bundle
+    there cannot count), where and how long it ran, and what it needs first."""
+    found = bundled(profile, bundle_dir)
+    done = _done(profile, bundle_dir, found)
     rows = []
     for name, s in stages_mod.stages(profile).items():
         for seed in s.runs_for(profile):
             m, bundle = done.get((name, seed), (None, None))
-            why = found.get((name, seed))
+            why = found.get((name, seed), ("", None))[0]
             where = ("bundle" if bundle else "here") if m else why.split(" (")[0] if isinstance(why, str) else ""
             rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None, "where": where,
                          "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
@@ -604,15 +619,40 @@ def plan(profile: Profile, bundle_dir: Path | str | None = None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def weights_missing(profile: Profile, own: Iterable[str], seed: int, bundle_dir: Path | str) -> list[str]:
-    """The models the shard of stages ``own`` starts from whose final weights are neither on this machine nor beside
-    their bundle in ``bundle_dir``: the shard re-trains them first (and checks the recorded digest)."""
+def _weights_travel(m: dict | str | None, bundle: Path | None) -> bool:
+    """The final weights an intact bundle's manifest records lie beside it, intact (``bundled``'s entries)."""
+    if not isinstance(m, dict) or not m.get("weights") or bundle is None or not weights_beside(bundle).is_file():
+        return False
+    return _sha256(weights_beside(bundle)) == m["weights"]
+
+
+def weights_missing(profile: Profile, own: Iterable[str], seed: int, bundle_dir: Path | str | None) -> list[str]:
+    """The models the shard of stages ``own`` starts from that it must re-train first (checking the recorded
+    digest): those whose final weights are not on this machine (a checkpoint, or weights merged with their bundle)
+    and not beside their bundle in ``bundle_dir`` with the checksum its manifest records."""
     registry, own = stages_mod.stages(profile), list(own)
     ctx = stages_mod.Context(profile, log=lambda _: None)
-    needed = dict.fromkeys(m for n in own for m in registry[n].models if m not in own)
-    return [m for m in needed if registry[m].checkpoint is not None
-            and not registry[m].checkpoint(ctx, seed).exists()
-            and not weights_beside(Path(bundle_dir) / bundle_name(profile, m, seed)).is_file()]
+    found = bundled(profile, bundle_dir)
+    done = _done(profile, bundle_dir, found)
+    missing = []
+    for m in dict.fromkeys(m for n in own for m in registry[n].models if m not in own):
+        if registry[m].checkpoint is None or registry[m].checkpoint(ctx, seed).exists():
+            continue
+        recorded, bundle = done.get((m, seed), (None, None))
+        merged = recorded is not None and bundle is None and recorded.get("weights") and (
+            shard_dir(profile, m, seed) / WEIGHTS).is_file()
+        if not merged and not _weights_travel(*found.get((m, seed), (None, None))):
+            missing.append(m)
+    return missing
+
+
+def training_seconds(profile: Profile, stage: str, seed: int, bundle_dir: Path | str | None) -> float | None:
+    """How long the model of a done stage trained (its history's ``train_seconds``), here or in its bundle."""
+    done = _done(profile, bundle_dir)
+    if (stage, seed) not in done:
+        return None
+    history = _table(profile, (stage, seed), done, "history")
+    return float(history["train_seconds"].sum()) if history is not None and "train_seconds" in history else None
 
 
 # A device command's start-up beyond its stages (Python and torch import, data decoding, CUDA context): an allowance,
@@ -652,7 +692,8 @@ def device_plan(profile: Profile, seed: int, budget_s: float, bundle_dir: Path |
     the same machine while it is warm. A single stage longer than the budget stays one piece that does not fit
     (``Piece.fits``)."""
     registry = stages_mod.stages(profile)
-    done = _done(profile, bundle_dir)
+    found = bundled(profile, bundle_dir)
+    done = _done(profile, bundle_dir, found)
 
     def manifest_of(name: str, s: int) -> dict | None:
         return done.get((name, s), (None, None))[0]
@@ -685,7 +726,7 @@ def device_plan(profile: Profile, seed: int, budget_s: float, bundle_dir: Path |
     pieces = []
     for row, (own, reads) in enumerate(stages_mod.shard_plan(profile, seed), 1):
         retrain = [m for m in dict.fromkeys(m for n in own for m in registry[n].models) if m not in own
-                   and not (manifest_of(m, seed) or {}).get("weights")]
+                   and not _weights_travel(*found.get((m, seed), (None, None)))]
         first, notes, blocked = STARTUP_SECONDS, [], []
         for m in retrain:
             first = first + trained[m] if m in trained and first is not None else None

@@ -1,5 +1,7 @@
 """The shard plan (``stages.shard_plan``): every stage of a seed in exactly one shard, after the shards it reads;
 the README's tables are the plan's own; ``--plan`` prints the commands with the bundles they read."""
+import shutil
+
 import pytest
 
 from ood_lib import reproduce, shards, stages
@@ -61,19 +63,26 @@ def test_plan_counts_the_bundles_in_the_bundle_folder_and_says_what_a_shard_re_t
     p = load_profile("cifar10-cpu")
     machine("a")
     for stage in ("base", "atypical", "gamma", "posthoc_base", "ft_ce"):
-        _measured(p, stage, 1, 1200.0 if stage == "base" else 60.0, device="cpu (x86_64, 2 threads)")
+        _measured(p, stage, 1, 1200.0 if stage == "base" else 60.0, device="cpu (x86_64, 2 threads)",
+                  train_seconds=900.0 if stage == "base" else None, weights=b"base" if stage == "base" else None)
         shards.pack(p, stage, 1, folder)
+    beside = shards.weights_beside(folder / "cifar10-cpu__base__seed1.tar.gz")
+    weights = beside.read_bytes()
+    beside.unlink()  # git-ignored: lost with the machine
     other = load_profile("cifar10-cpu", {"train.epochs": 3})
     _measured(other, "base", 2, 30.0)
     shards.pack(other, "base", 2, folder)
     (folder / "cifar10-cpu__ft_ce__seed1.tar.gz").write_bytes(b"cut short")
+    shutil.copy(folder / "cifar10-cpu__gamma__seed1.tar.gz", folder / "cifar10-cpu__gamma__seed2.tar.gz")
+    shutil.copy(folder / "cifar10-cpu__gamma__seed1.tar.gz", folder / "cifar10-cpu__gamma__seed1 (copy).tar.gz")
     machine("b")  # a fresh machine with the committed bundles only
 
     table = shards.plan(p, folder).set_index(["stage", "seed"])
     assert table.loc[("base", 1), "done"] and table.loc[("base", 1), "where"] == "bundle"
-    assert table.loc[("base", 1), "seconds"] == 1200.0
+    assert table.loc[("base", 1), "seconds"] == 1200.0 and table.loc[("gamma", 1), "where"] == "bundle"
     assert not table.loc[("ft_ce", 1), "done"] and table.loc[("ft_ce", 1), "where"] == "damaged bundle"
     assert not table.loc[("base", 2), "done"] and table.loc[("base", 2), "where"] == "bundle of other settings"
+    assert not table.loc[("gamma", 2), "done"] and table.loc[("gamma", 2), "where"] == "misnamed bundle"
     assert not table.loc[("base", 0), "done"] and table.loc[("base", 0), "where"] == ""
     assert not shards.plan(p).done.any()  # without the folder: nothing is here
 
@@ -83,24 +92,43 @@ def test_plan_counts_the_bundles_in_the_bundle_folder_and_says_what_a_shard_re_t
     assert not any("--stages base,atypical,gamma,posthoc_base --seeds 1 " in c for c in commands)  # in bundles
     assert sum("--stages base,atypical,gamma,posthoc_base --seeds 2 " in c for c in commands) == 1  # other settings
     assert sum("--stages ft_ce --seeds 1 " in c for c in commands) == 1  # damaged
-    assert any(line.startswith("# stage ft_ce seed 1 does not count as done: damaged bundle") for line in out)
-    assert any(line.startswith("# stage base seed 2 does not count as done: bundle of other settings")
+    assert ("# stage ft_ce seed 1 does not count as done: cifar10-cpu__ft_ce__seed1.tar.gz is a damaged bundle "
+            "(bundle") in "\n".join(out)
+    assert any(line.startswith("# stage base seed 2 does not count as done: cifar10-cpu__base__seed2.tar.gz is a "
+                               "bundle of other settings") for line in out)
+    assert any(line.startswith("# stage gamma seed 2 does not count as done: cifar10-cpu__gamma__seed2.tar.gz is a "
+                               "misnamed bundle (its manifest: profile 'cifar10-cpu', stage 'gamma', seed 1)")
                for line in out)
     um = next(i for i, c in enumerate(out) if "--stages um,posthoc_um --seeds 1 " in c)
     assert out[um - 1] == ("# it re-trains base of seed 1 first: its final weights are neither on this machine nor "
-                           "beside its bundle (base's shard took 20 min)")
+                           "beside its bundle (base trained for 15 min)")
     seed2 = next(i for i, c in enumerate(out) if "--stages um,posthoc_um --seeds 2 " in c)
     assert not out[seed2 - 1].startswith("#")  # seed 2's base comes from the command before it, on this machine
-    shards.weights_beside(folder / "cifar10-cpu__base__seed1.tar.gz").write_bytes(b"weights")
+    beside.write_bytes(b"other weights")
+    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, folder) == ["base"]  # not the ones recorded
+    beside.write_bytes(weights)
     assert shards.weights_missing(p, ("um", "posthoc_um"), 1, folder) == []
+    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, None) == ["base"]
+    machine("merged")
+    shards.merge(p, [folder / "cifar10-cpu__base__seed1.tar.gz"])  # the weights come along, into the shard folder
+    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, None) == []
 
 
-def _measured(p, stage, seed, seconds, device="NVIDIA H200", train_seconds=None):
+def _measured(p, stage, seed, seconds, device="NVIDIA H200", train_seconds=None, weights=None):
+    """A finished shard as a stage writes it; ``weights``: the bytes of a final checkpoint that travels beside its
+    bundle."""
+    import hashlib
+
     import pandas as pd
     tables = {"rows": pd.DataFrame({"value": [0.5]})}
     if train_seconds is not None:
         tables["history"] = pd.DataFrame({"epoch": [1, 2], "train_seconds": [train_seconds / 2] * 2})
-    shards._write(p, stage, seed, tables, {"seconds": seconds, "device": device})
+    info = {"seconds": seconds, "device": device}
+    if weights is not None:
+        shards.shard_dir(p, stage, seed).mkdir(parents=True, exist_ok=True)
+        (shards.shard_dir(p, stage, seed) / shards.WEIGHTS).write_bytes(weights)
+        info["weights"] = hashlib.sha256(weights).hexdigest()
+    shards._write(p, stage, seed, tables, info)
 
 
 def test_device_plan_is_sized_from_committed_bundles_as_from_merged_shards(machine, tmp_path):
@@ -114,6 +142,9 @@ def test_device_plan_is_sized_from_committed_bundles_as_from_merged_shards(machi
     for stage, seed in (("base", 0), ("base", 1), ("gamma", 1)):
         shards.pack(p, stage, seed, tmp_path / "bundles")
     merged = {seed: shards.device_plan(p, seed, 540) for seed in (0, 1, 2)}
+    _measured(p, "um_gamma9", 1, 99.0, train_seconds=90.0)  # a stage of other settings (um.gamma_sweep)
+    shards.pack(p, "um_gamma9", 1, tmp_path / "bundles")
+    assert shards.bundled(p, tmp_path / "bundles")[("um_gamma9", 1)][0].startswith("bundle of a stage this profile")
     retrain = next(x for x in merged[2] if x.row == 2 and x.models_only)  # seed 2's base: not done anywhere
     assert retrain.seconds == shards.STARTUP_SECONDS + 196.0  # the median of the two trainings
     machine("fresh")
