@@ -19,7 +19,8 @@
         this profile's settings, e.g. a committed one); then the command of each shard still to run, in the order
         that answers notebooks 01 and 03 first, with the bundles it reads (``stages.shard_plan``).
         With --device-minutes M: those shards as lent-GPU commands (scripts/device_shard.sh) of at most M minutes
-        each where they can be, sized from the stages measured here on a GPU (``shards.device_plan``).
+        each where they can be, sized from the stages measured on a GPU, here or in those bundles
+        (``shards.device_plan``).
 
 Executed notebooks go to ``results/<profile>/notebooks/``. The profile and every ``--set`` override are validated
 before any work (an unknown name fails with the allowed names listed), and so are the output folders (writable)
