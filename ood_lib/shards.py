@@ -612,7 +612,10 @@ def plan(profile: Profile, bundle_dir: Path | str | None = None) -> pd.DataFrame
         for seed in s.runs_for(profile):
             m, bundle = done.get((name, seed), (None, None))
             why = found.get((name, seed), ("", None))[0]
-            where = ("bundle" if bundle else "here") if m else why.split(" (")[0] if isinstance(why, str) else ""
+            if m is not None:
+                where = "bundle" if bundle else "here"
+            else:  # why a bundle there cannot count, in short ("damaged bundle", ...), or nothing there
+                where = why.split(" (")[0] if isinstance(why, str) else ""
             rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None, "where": where,
                          "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
                          "needs tables of": ",".join(s.inputs), "needs weights of": ",".join(s.models)})
@@ -620,10 +623,9 @@ def plan(profile: Profile, bundle_dir: Path | str | None = None) -> pd.DataFrame
 
 
 def _weights_travel(m: dict | str | None, bundle: Path | None) -> bool:
-    """The final weights an intact bundle's manifest records lie beside it, intact (``bundled``'s entries)."""
-    if not isinstance(m, dict) or not m.get("weights") or bundle is None or not weights_beside(bundle).is_file():
-        return False
-    return _sha256(weights_beside(bundle)) == m["weights"]
+    """The final weights an intact bundle's manifest records lie beside it (``bundled``'s entries: ``_open_bundle``
+    has checked them against the manifest; a bundle with other weights beside it is damaged)."""
+    return isinstance(m, dict) and bool(m.get("weights")) and bundle is not None and weights_beside(bundle).is_file()
 
 
 def weights_missing(profile: Profile, own: Iterable[str], seed: int, bundle_dir: Path | str | None) -> list[str]:
@@ -646,13 +648,15 @@ def weights_missing(profile: Profile, own: Iterable[str], seed: int, bundle_dir:
     return missing
 
 
-def training_seconds(profile: Profile, stage: str, seed: int, bundle_dir: Path | str | None) -> float | None:
-    """How long the model of a done stage trained (its history's ``train_seconds``), here or in its bundle."""
-    done = _done(profile, bundle_dir)
-    if (stage, seed) not in done:
-        return None
-    history = _table(profile, (stage, seed), done, "history")
+def _training_seconds(profile: Profile, key: tuple[str, int], done: dict) -> float | None:
+    """How long the model of a done stage (``_done``) trained: its history's ``train_seconds``, None if unknown."""
+    history = _table(profile, key, done, "history") if key in done else None
     return float(history["train_seconds"].sum()) if history is not None and "train_seconds" in history else None
+
+
+def training_seconds(profile: Profile, stage: str, seed: int, bundle_dir: Path | str | None) -> float | None:
+    """How long the model of a done stage trained, here or in its bundle in ``bundle_dir``."""
+    return _training_seconds(profile, (stage, seed), _done(profile, bundle_dir))
 
 
 # A device command's start-up beyond its stages (Python and torch import, data decoding, CUDA context): an allowance,
@@ -705,10 +709,9 @@ def device_plan(profile: Profile, seed: int, budget_s: float, bundle_dir: Path |
     per_epoch = measured["base"] / base_epochs if "base" in measured and base_epochs else None
     runs: dict[str, list[float]] = {}  # model stage -> seconds of training alone (what a re-training costs)
     for n, s in gpu:
-        if registry[n].train is not None:
-            history = _table(profile, (n, s), done, "history")
-            if history is not None and "train_seconds" in history:
-                runs.setdefault(n, []).append(float(history["train_seconds"].sum()))
+        took = _training_seconds(profile, (n, s), done) if registry[n].train is not None else None
+        if took is not None:
+            runs.setdefault(n, []).append(took)
     trained = {n: float(statistics.median(v)) for n, v in runs.items()}  # the median over seeds, like ``measured``
 
     def estimate(name: str) -> tuple[float | None, str]:
