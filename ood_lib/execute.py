@@ -1,5 +1,6 @@
 """Execute the study: its notebooks headlessly with papermill (``run``), or some of its stages as a shard command
-that writes bundles (``run_shards``); and the checks and one-paragraph explanations around both.
+that writes bundles (``run_shards``), or the shards still to run that fit a machine's time (``run_next_shards``);
+and the checks and one-paragraph explanations around them.
 
 ``ood_lib.reproduce`` is the command line over these; ``ood_lib.cluster`` calls ``run`` for the analysis after its
 jobs. Which notebooks, stages and checkpoints a run needs is decided in ``ood_lib.stages``.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ood_lib import progress, shards
+from ood_lib import plan, progress, shards
 from ood_lib import stages as stages_mod
 from ood_lib.config import load_profile
 from ood_lib.data import DATASETS
@@ -232,3 +233,33 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
     print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s, "
           f"{grown / 1e6:.1f} MB written under {results_dir(profile.name)}", flush=True)
     return written
+
+
+def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = None, bundle_dir: Path | None = None,
+                    clock=time.monotonic) -> list[plan.Command]:
+    """The shards still to run that this machine can finish within ``minutes``, one shard command after another:
+    the first command of ``plan.machine_plan`` that fits the time left, then the state read again (the bundles it
+    wrote, the models it left on this machine), and so on until nothing fits. Every bundle lands in ``bundle_dir``
+    (default results/<profile>/bundles) as its stage finishes, where bundles already there count as done."""
+    profile = load_profile(profile_name, overrides or {})
+    folder = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
+    cpu = resolve_device(profile.device).type == "cpu"
+    deadline, ran = clock() + minutes * 60, []
+    while True:
+        done = plan.Done.read(profile, folder)
+        commands, left = plan.machine_plan(done, deadline - clock(), cpu)
+        if not commands:
+            break
+        c = commands[0]
+        if any((c.seed, c.stages) == (r.seed, r.stages) for r in ran):
+            raise shards.ShardError(f"stages {','.join(c.stages)} seed {c.seed} ran here but are still to run: "
+                                    f"look for their bundles in {folder}")
+        inputs = [bundle for r in c.reads if (bundle := done.shards[(r, c.seed)][1]) is not None]
+        print(f"# next: stages {','.join(c.stages)} seed {c.seed}, ~{c.seconds / 60:.0f} min ({c.basis}); "
+              f"{(deadline - clock()) / 60:.0f} min left", flush=True)
+        run_shards(profile_name, list(c.stages), [c.seed], overrides, folder, inputs)
+        ran.append(c)
+    print(f"# {len(ran)} shard command(s) ran; {(deadline - clock()) / 60:.0f} min left; "
+          + (f"not run: {'; '.join(left)}" if left else "no shard is left to run"), flush=True)
+    return ran
+

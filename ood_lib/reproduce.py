@@ -20,7 +20,12 @@
         that answers notebooks 01 and 03 first, with the bundles it reads (``stages.shard_plan``).
         With --device-minutes M: those shards as lent-GPU commands (scripts/device_shard.sh) of at most M minutes
         each where they can be, sized from the stages measured on a GPU, here or in those bundles
-        (``shards.device_plan``).
+        (``plan.device_plan``). With --machine-minutes M: the commands this machine can finish one after another
+        in M minutes, sized from the stages measured on this kind of device (``plan.machine_plan``).
+
+    python -m ood_lib.reproduce --profile cifar10-cpu --next-shards 170 [--bundle-dir DIR]
+        run those commands: the next shard that fits the time left, then the plan read again, until none fits.
+        Each bundle lands in the bundle folder as its stage finishes.
 
 Executed notebooks go to ``results/<profile>/notebooks/``. The profile and every ``--set`` override are validated
 before any work (an unknown name fails with the allowed names listed), and so are the output folders (writable)
@@ -31,8 +36,8 @@ the full traceback. ``--set`` overrides must be the same for the shard commands 
 the profile's digest).
 
 This module is only the command line: the work is done by ``ood_lib.execute`` (notebooks, shard commands),
-``ood_lib.shards`` (bundles, merge, plan) and ``ood_lib.cluster`` (jobs); ``ood_lib.stages`` decides what a run
-needs.
+``ood_lib.shards`` (bundles, merge), ``ood_lib.plan`` (what is done, what to run next) and ``ood_lib.cluster``
+(jobs); ``ood_lib.stages`` decides what a run needs.
 """
 from __future__ import annotations
 
@@ -41,10 +46,12 @@ import os
 import sys
 from pathlib import Path
 
+from ood_lib import plan
 from ood_lib import stages as stages_mod
 from ood_lib.config import ProfileError, available_profiles, parse_override
-from ood_lib.execute import RunError, explain_os_error, preflight, run, run_shards
+from ood_lib.execute import RunError, explain_os_error, preflight, run, run_next_shards, run_shards
 from ood_lib.paths import results_dir
+from ood_lib.train import resolve_device
 
 def _list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
@@ -63,8 +70,9 @@ def _job_options(args):
             raise ProfileError(f"{', '.join(given) or '--shared-dir'} go{'es' if len(given) < 2 else ''} with "
                                "--executor slurm or submitit-local")
         return None
-    if args.stages or args.merge or args.plan:
-        raise ProfileError(f"--executor {args.executor} runs the whole study: not with --stages, --merge or --plan")
+    if args.stages or args.merge or args.plan or args.next_shards:
+        raise ProfileError(f"--executor {args.executor} runs the whole study: not with --stages, --merge, --plan or "
+                           "--next-shards")
     from ood_lib import cluster
 
     numbers = {"--gpus-per-job": args.gpus_per_job, "--cpus-per-job": args.cpus_per_job,
@@ -100,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--stages", default=None, help="shard command: comma-separated stages to run (see --plan)")
     mode.add_argument("--merge", nargs="+", type=Path, metavar="BUNDLE", help="merge bundles, then run the analysis")
     mode.add_argument("--plan", action="store_true", help="list every (stage, seed) of the profile and its status")
+    mode.add_argument("--next-shards", type=float, default=None, metavar="MINUTES",
+                      help="run the shards still to run that this machine can finish in MINUTES, one after another "
+                           "(what --plan --machine-minutes prints)")
     ap.add_argument("--device-minutes", type=float, default=None, metavar="M",
                     help="with --plan: print the shards still to run as lent-GPU commands of at most M minutes where "
                          "the stages measured here say they fit")
+    ap.add_argument("--machine-minutes", type=float, default=None, metavar="M",
+                    help="with --plan: print only the shard commands this machine can finish one after another in M "
+                         "minutes")
     ap.add_argument("--seeds", default=None, help="with --stages: comma-separated seeds (default: the profile's)")
     ap.add_argument("--bundle-dir", type=Path, default=None, help="with --stages: where bundles go; with --plan: "
                     "where the printed commands put and read them, and where bundles count as done "
@@ -153,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         profile, _ = stages_mod.notebooks_to_run(args.profile, notebooks, overrides)
         seeds = [int(s) for s in _list(args.seeds)] if args.seeds else None
         if (args.seeds or args.inputs or args.models_only) and not args.stages \
-                or args.bundle_dir and not (args.stages or args.plan):
-            raise ProfileError("--seeds, --inputs and --models-only go with --stages, --bundle-dir with --stages or "
-                               "--plan")
+                or args.bundle_dir and not (args.stages or args.plan or args.next_shards):
+            raise ProfileError("--seeds, --inputs and --models-only go with --stages, --bundle-dir with --stages, "
+                               "--plan or --next-shards")
         if args.allow_mixed_models and not (args.stages or args.merge):
             raise ProfileError("--allow-mixed-models goes with --stages or --merge")
-        if args.device_minutes is not None and (not args.plan or args.device_minutes <= 0):
-            raise ProfileError(f"--device-minutes {args.device_minutes}: a positive number of minutes, with --plan")
+        for flag, minutes in (("--device-minutes", args.device_minutes), ("--machine-minutes", args.machine_minutes)):
+            if minutes is not None and (not args.plan or minutes <= 0):
+                raise ProfileError(f"{flag} {minutes:g}: a positive number of minutes, with --plan")
+        if args.device_minutes is not None and args.machine_minutes is not None:
+            raise ProfileError("--device-minutes or --machine-minutes, not both")
+        if args.next_shards is not None and args.next_shards <= 0:
+            raise ProfileError(f"--next-shards {args.next_shards:g}: a positive number of minutes")
         if seeds is not None and set(seeds) - set(profile.seeds):
             raise ProfileError(f"--seeds {seeds}: profile {profile.name!r} has seeds {list(profile.seeds)}")
         if args.stages:
@@ -191,30 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.plan:
             folder = args.bundle_dir or results_dir(profile.name) / "bundles"  # where the shard commands put them
-            table = shards.plan(profile, folder)
-            print(table.to_string(index=False))
-            done = set(zip(table[table.done].stage, table[table.done].seed))
-            for (stage, seed), (why, path) in shards.bundled(profile, folder).items():
-                if isinstance(why, str) and (stage, seed) not in done:
-                    print(f"# stage {stage} seed {seed} does not count as done: {path.name} is a {why}")
-            if args.device_minutes is not None:
-                _print_device_plan(profile, done, args.device_minutes, args.bundle_dir, folder)
-                return 0
-            for seed in profile.seeds:
-                for own, reads in stages_mod.shard_plan(profile, seed):
-                    if all((n, seed) in done for n in own):
-                        continue
-                    for m in shards.weights_missing(profile, own, seed, folder):
-                        if (m, seed) not in done:
-                            continue  # the shard that makes it comes first, on the same machine
-                        took = shards.training_seconds(profile, m, seed, folder)
-                        print(f"# it re-trains {m} of seed {seed} first: its final weights are neither on this "
-                              f"machine nor beside its bundle" + (f" ({m} trained for {took / 60:.0f} min)"
-                                                                   if took else ""))
-                    print(shards.command(profile, own, [seed], reads, args.bundle_dir))
+            done = plan.Done.read(profile, folder)
+            cpu = resolve_device(profile.device).type == "cpu"
+            print("\n".join(plan.report(done, args.bundle_dir, args.device_minutes, args.machine_minutes, cpu)))
             return 0
         preflight(profile, data=not args.merge, stages=_list(args.stages), allow_emulated_bf16=args.allow_emulated_bf16)
-        if args.stages:
+        if args.next_shards is not None:
+            run_next_shards(args.profile, args.next_shards, overrides, args.bundle_dir)
+        elif args.stages:
             run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs,
                        models_only=args.models_only, allow_mixed_models=args.allow_mixed_models)
         elif args.merge:
@@ -232,24 +235,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 1
-
-
-def _print_device_plan(profile, done: set, minutes: float, bundle_dir: Path | None, folder: Path) -> None:
-    from ood_lib import shards
-    for seed in profile.seeds:
-        said = ""
-        for piece in shards.device_plan(profile, seed, minutes * 60, folder):
-            if all((n, seed) in done for n in piece.stages):
-                continue
-            size = "size unknown" if piece.seconds is None else f"~{piece.seconds / 60:.1f} min"
-            too_long = piece.seconds is None or piece.seconds > minutes * 60
-            why = "as above" if piece.blocked == said else piece.blocked
-            verdict = f", DOES NOT FIT {minutes:g} min" * too_long + f", BLOCKED ({why})" * bool(piece.blocked)
-            said = piece.blocked
-            warm = "; on the machine of the command above, while it is warm" if piece.warm else ""
-            print(f"# seed {seed}, row {piece.row}: {size}{verdict} ({piece.basis}){warm}")
-            command = shards.device_command(profile, piece.stages, seed, piece.reads, bundle_dir, piece.models_only)
-            print(f"# {command}" if piece.blocked else command)  # a blocked command is not to be pasted and run
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ and the SHA-256 of every table, which is checked whenever the tables are read ba
 every section that changes a number (data, model, train, eval, line, um, pretrained), not the seeds or the device:
 editing the profile starts a new folder instead of mixing old and new tables.
 
-A bundle is one shard folder packed as ``<profile>__<stage>__seed<k>.tar.gz`` (deterministic bytes; no weights).
+A bundle is one shard folder packed as ``<profile>__<stage>__seed<k>.tar.gz`` (deterministic bytes; small final
+weights travel beside it, never inside).
 ``merge`` puts bundles from other machines back into place after checking that they are complete and intact, of
 this profile and digest, of one code version, and not duplicates of each other or of a different shard already
 here. Notebooks then read the same tables whether the stages ran in their own kernel, in a shard command, on a
@@ -25,11 +26,9 @@ import io
 import json
 import os
 import shutil
-import statistics
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -540,231 +539,6 @@ def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = Fa
         log(f"{path.name}: merged stage {m['stage']} seed {m['seed']} (computed on {m['device']} in "
             f"{m['seconds']:.0f} s)")
     return sorted(seen)
-
-
-def bundled(profile: Profile, folder: Path | str | None) -> dict[tuple[str, int], tuple[dict | str, Path]]:
-    """The bundles of ``profile`` in ``folder`` (e.g. committed ones not merged here): (stage, seed) -> (the manifest
-    of an intact bundle of this profile, of one of its stages and of its settings, or why the bundle cannot count;
-    the file). Where two files claim one shard, an intact one wins. Nothing is extracted or merged; a bundle that
-    counts may still be refused by ``merge`` (other code versions, or other weights of a model)."""
-    found: dict[tuple[str, int], tuple[dict | str, Path]] = {}
-    if folder is None or not Path(folder).is_dir():
-        return found
-    registry = stages_mod.stages(profile)
-    for path in sorted(Path(folder).glob(f"{profile.name}__*__seed*.tar.gz")):
-        parts = path.name.removesuffix(".tar.gz").split("__")
-        if len(parts) != 3 or not parts[2].removeprefix("seed").isdigit():
-            continue  # not a name ``bundle_name`` writes
-        key = (parts[1], int(parts[2].removeprefix("seed")))
-        try:
-            m, _ = _open_bundle(path)
-        except ShardError as e:
-            entry: dict | str = f"damaged bundle ({e})"
-        else:
-            if (m["profile"], m["stage"], int(m["seed"])) != (profile.name, *key):
-                entry = (f"misnamed bundle (its manifest: profile {m['profile']!r}, stage {m['stage']!r}, seed "
-                         f"{m['seed']})")
-            elif m["stage"] not in registry:
-                entry = f"bundle of a stage this profile does not have ({m['stage']!r})"
-            elif m["profile_digest"] != profile_digest(profile):
-                entry = (f"bundle of other settings (profile digest {m['profile_digest']}, here "
-                         f"{profile_digest(profile)})")
-            else:
-                entry = m
-        if key not in found or not isinstance(found[key][0], dict):
-            found[key] = (entry, path)
-    return found
-
-
-def _done(profile: Profile, bundle_dir: Path | str | None,
-          found: dict | None = None) -> dict[tuple[str, int], tuple[dict, Path | None]]:
-    """Every shard done, with its manifest: (manifest, None) for a shard here; (manifest, bundle) for an intact
-    bundle in ``bundle_dir`` of this profile's settings (a shard here wins). ``found``: ``bundled``'s answer, if
-    already read."""
-    found = bundled(profile, bundle_dir) if found is None else found
-    out = {key: (m, path) for key, (m, path) in found.items() if isinstance(m, dict)}
-    for name, s in stages_mod.stages(profile).items():
-        for seed in s.runs_for(profile):
-            m = manifest(profile, name, seed)
-            if m is not None:
-                out[(name, seed)] = (m, None)
-    return out
-
-
-def _table(profile: Profile, key: tuple[str, int], done: dict, name: str) -> pd.DataFrame | None:
-    """Table ``name`` of a shard done (``_done``): read here, or from its bundle; None if it has none."""
-    m, bundle = done[key]
-    if name not in m["tables"]:
-        return None
-    if bundle is None:
-        return read(profile, *key)[name]
-    return _read_csv(io.BytesIO(_open_bundle(bundle)[1][f"{name}.csv"]), m["text_columns"][name])
-
-
-def plan(profile: Profile, bundle_dir: Path | str | None = None) -> pd.DataFrame:
-    """Every (stage, seed) of the profile: done or not, where it is (``here``: a shard of this machine's results;
-    ``bundle``: an intact bundle in ``bundle_dir`` of this profile's settings, not merged yet; else why a bundle
-    there cannot count), where and how long it ran, and what it needs first."""
-    found = bundled(profile, bundle_dir)
-    done = _done(profile, bundle_dir, found)
-    rows = []
-    for name, s in stages_mod.stages(profile).items():
-        for seed in s.runs_for(profile):
-            m, bundle = done.get((name, seed), (None, None))
-            why = found.get((name, seed), ("", None))[0]
-            if m is not None:
-                where = "bundle" if bundle else "here"
-            else:  # why a bundle there cannot count, in short ("damaged bundle", ...), or nothing there
-                where = why.split(" (")[0] if isinstance(why, str) else ""
-            rows.append({"stage": name, "seed": seed, "notebook": s.notebook, "done": m is not None, "where": where,
-                         "seconds": m["seconds"] if m else None, "device": m["device"] if m else "",
-                         "needs tables of": ",".join(s.inputs), "needs weights of": ",".join(s.models)})
-    return pd.DataFrame(rows)
-
-
-def _weights_travel(m: dict | str | None, bundle: Path | None) -> bool:
-    """The final weights an intact bundle's manifest records lie beside it (``bundled``'s entries: ``_open_bundle``
-    has checked them against the manifest; a bundle with other weights beside it is damaged)."""
-    return isinstance(m, dict) and bool(m.get("weights")) and bundle is not None and weights_beside(bundle).is_file()
-
-
-def weights_missing(profile: Profile, own: Iterable[str], seed: int, bundle_dir: Path | str | None) -> list[str]:
-    """The models the shard of stages ``own`` starts from that it must re-train first (checking the recorded
-    digest): those whose final weights are not on this machine (a checkpoint, or weights merged with their bundle)
-    and not beside their bundle in ``bundle_dir`` with the checksum its manifest records."""
-    registry, own = stages_mod.stages(profile), list(own)
-    ctx = stages_mod.Context(profile, log=lambda _: None)
-    found = bundled(profile, bundle_dir)
-    done = _done(profile, bundle_dir, found)
-    missing = []
-    for m in dict.fromkeys(m for n in own for m in registry[n].models if m not in own):
-        if registry[m].checkpoint is None or registry[m].checkpoint(ctx, seed).exists():
-            continue
-        recorded, bundle = done.get((m, seed), (None, None))
-        merged = recorded is not None and bundle is None and recorded.get("weights") and (
-            shard_dir(profile, m, seed) / WEIGHTS).is_file()
-        if not merged and not _weights_travel(*found.get((m, seed), (None, None))):
-            missing.append(m)
-    return missing
-
-
-def _training_seconds(profile: Profile, key: tuple[str, int], done: dict) -> float | None:
-    """How long the model of a done stage (``_done``) trained: its history's ``train_seconds``, None if unknown."""
-    history = _table(profile, key, done, "history") if key in done else None
-    return float(history["train_seconds"].sum()) if history is not None and "train_seconds" in history else None
-
-
-def training_seconds(profile: Profile, stage: str, seed: int, bundle_dir: Path | str | None) -> float | None:
-    """How long the model of a done stage trained, here or in its bundle in ``bundle_dir``."""
-    return _training_seconds(profile, (stage, seed), _done(profile, bundle_dir))
-
-
-# A device command's start-up beyond its stages (Python and torch import, data decoding, CUDA context): an allowance,
-# not a measurement (the device tool's wall_s includes it; stage seconds do not).
-STARTUP_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One device command of a seed's shard plan, sized to a time budget (``device_plan``)."""
-    row: int                   # the row of ``stages.shard_plan`` it comes from (1-based)
-    stages: tuple[str, ...]
-    reads: tuple[str, ...]     # the stages whose bundles it is given
-    seconds: float | None      # estimated, start-up included; None where no measurement sizes one of its stages
-    basis: str                 # how the estimate was made
-    warm: bool                 # reads the run folders the piece before it left: the same, still warm, machine
-    models_only: bool = False  # only re-trains the models its stages start from (``run_shards(models_only=True)``)
-    blocked: str = ""          # why it cannot give mergeable bundles as things stand ("" when it can)
-
-    def fits(self, budget_s: float) -> bool:
-        return not self.blocked and self.seconds is not None and self.seconds <= budget_s
-
-
-def device_plan(profile: Profile, seed: int, budget_s: float, bundle_dir: Path | str | None = None) -> list[Piece]:
-    """The shard plan of ``seed`` cut into device commands of at most ``budget_s`` seconds where it can be.
-
-    Sizes come from the stages measured on a GPU (manifests of any seed, here after ``--merge`` or in the bundles of
-    ``bundle_dir``; the median per stage): a stage measured is taken as it ran; one that trains ``Stage.epochs`` on
-    the base model's training set is scaled from ``base``'s seconds per epoch (its per-epoch scoring included); one
-    that trains nothing is sized as a measured one of its notebook that trains nothing either (``posthoc_um`` as
-    ``posthoc_base``); anything else is unsized. A row that starts from a model whose final weights did not travel
-    with its bundle (ResNet-18: 45 MB) re-trains it first: that model's measured training seconds (median over
-    seeds) are added, in a piece of its own (``Piece.models_only``) where the re-training and the row's first stage
-    do not fit in one budget. The re-training must reproduce the recorded weights, so a row whose model was trained
-    with nondeterministic kernels (a GPU before ``train.deterministic_kernels``) is ``Piece.blocked``. A row longer
-    than the budget is cut between stages; the later pieces read the run folders of the first, so they must run on
-    the same machine while it is warm. A single stage longer than the budget stays one piece that does not fit
-    (``Piece.fits``)."""
-    registry = stages_mod.stages(profile)
-    found = bundled(profile, bundle_dir)
-    done = _done(profile, bundle_dir, found)
-
-    def manifest_of(name: str, s: int) -> dict | None:
-        return done.get((name, s), (None, None))[0]
-
-    gpu = [key for key, (m, _) in done.items() if not str(m["device"]).startswith("cpu")]
-    measured = pd.DataFrame([{"stage": n, "seed": s, "seconds": manifest_of(n, s)["seconds"]} for n, s in gpu],
-                            columns=["stage", "seed", "seconds"]).groupby("stage")["seconds"].median().to_dict()
-    base_epochs = registry["base"].epochs(profile) if "base" in registry else None
-    per_epoch = measured["base"] / base_epochs if "base" in measured and base_epochs else None
-    runs: dict[str, list[float]] = {}  # model stage -> seconds of training alone (what a re-training costs)
-    for n, s in gpu:
-        took = _training_seconds(profile, (n, s), done) if registry[n].train is not None else None
-        if took is not None:
-            runs.setdefault(n, []).append(took)
-    trained = {n: float(statistics.median(v)) for n, v in runs.items()}  # the median over seeds, like ``measured``
-
-    def estimate(name: str) -> tuple[float | None, str]:
-        stage = registry[name]
-        if name in measured:
-            return measured[name], f"{name} measured"
-        if stage.epochs is not None and per_epoch is not None:
-            return per_epoch * stage.epochs(profile), f"{name} scaled from base's s/epoch"
-        like = next((n for n in measured if registry[n].notebook == stage.notebook and registry[n].epochs is None
-                     and bool(registry[n].models) == bool(stage.models)), None)  # e.g. posthoc_um as posthoc_base
-        if like is not None:
-            return measured[like], f"{name} sized as {like}"
-        return None, f"{name} not measured"
-
-    pieces = []
-    for row, (own, reads) in enumerate(stages_mod.shard_plan(profile, seed), 1):
-        retrain = [m for m in dict.fromkeys(m for n in own for m in registry[n].models) if m not in own
-                   and not _weights_travel(*found.get((m, seed), (None, None)))]
-        first, notes, blocked = STARTUP_SECONDS, [], []
-        for m in retrain:
-            first = first + trained[m] if m in trained and first is not None else None
-            notes.append(f"re-trains {m} first (its weights do not travel)")
-            done_m = manifest_of(m, seed)
-            if done_m is not None and _kernels(done_m) == "deterministic":
-                notes.append(f"its digest is reproducible on a {done_m['device']} with torch {done_m.get('torch')} "
-                             f"and this training code only")
-            elif done_m is not None:
-                blocked.append(f"{m} seed {seed} was trained with nondeterministic kernels ({done_m['device']}, code "
-                               f"{done_m['code_digest']}): a re-training cannot reproduce it, so re-run {m}'s row "
-                               f"with this code first, its bundles replacing the ones recorded")
-        current: list[str] = []
-        total, why, warm = first, list(notes), False
-        if retrain and first is not None and own:
-            sec, _ = estimate(own[0])
-            if sec is None or first + sec > budget_s:  # the re-training alone, then the stages on the warm machine
-                pieces.append(Piece(row, tuple(own), reads, first, "; ".join(notes), False, models_only=True,
-                                    blocked="; ".join(blocked)))
-                total, why, warm = STARTUP_SECONDS, [], True
-        for name in own:
-            sec, how = estimate(name)
-            grown = None if total is None or sec is None else total + sec
-            if current and (grown is None or grown > budget_s) and total is not None:
-                pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm,
-                                    blocked="; ".join(blocked)))
-                current, warm, why = [], True, []
-                total = STARTUP_SECONDS
-                grown = None if sec is None else total + sec
-            current.append(name)
-            why.append(how)
-            total = grown
-        pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm,
-                            blocked="; ".join(blocked)))
-    return pieces
 
 
 def ready_seeds(profile: Profile, notebook: str) -> list[int]:

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ood_lib import reproduce, shards, stages
+from ood_lib import plan, reproduce, shards, stages
 from ood_lib.config import load_profile
 from ood_lib.paths import PROJECT_ROOT
 
@@ -77,14 +77,14 @@ def test_plan_counts_the_bundles_in_the_bundle_folder_and_says_what_a_shard_re_t
     shutil.copy(folder / "cifar10-cpu__gamma__seed1.tar.gz", folder / "cifar10-cpu__gamma__seed1 (copy).tar.gz")
     machine("b")  # a fresh machine with the committed bundles only
 
-    table = shards.plan(p, folder).set_index(["stage", "seed"])
+    table = plan.table(plan.Done.read(p, folder)).set_index(["stage", "seed"])
     assert table.loc[("base", 1), "done"] and table.loc[("base", 1), "where"] == "bundle"
     assert table.loc[("base", 1), "seconds"] == 1200.0 and table.loc[("gamma", 1), "where"] == "bundle"
     assert not table.loc[("ft_ce", 1), "done"] and table.loc[("ft_ce", 1), "where"] == "damaged bundle"
     assert not table.loc[("base", 2), "done"] and table.loc[("base", 2), "where"] == "bundle of other settings"
     assert not table.loc[("gamma", 2), "done"] and table.loc[("gamma", 2), "where"] == "misnamed bundle"
     assert not table.loc[("base", 0), "done"] and table.loc[("base", 0), "where"] == ""
-    assert not shards.plan(p).done.any()  # without the folder: nothing is here
+    assert not plan.table(plan.Done.read(p)).done.any()  # without the folder: nothing is here
 
     assert reproduce.main(["--profile", "cifar10-cpu", "--plan", "--bundle-dir", str(folder)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -105,13 +105,13 @@ def test_plan_counts_the_bundles_in_the_bundle_folder_and_says_what_a_shard_re_t
     seed2 = next(i for i, c in enumerate(out) if "--stages um,posthoc_um --seeds 2 " in c)
     assert not out[seed2 - 1].startswith("#")  # seed 2's base comes from the command before it, on this machine
     beside.write_bytes(b"other weights")
-    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, folder) == ["base"]  # not the ones recorded
+    assert plan.Done.read(p, folder).weights_missing(("um", "posthoc_um"), 1) == ["base"]  # not the ones recorded
     beside.write_bytes(weights)
-    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, folder) == []
-    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, None) == ["base"]
+    assert plan.Done.read(p, folder).weights_missing(("um", "posthoc_um"), 1) == []
+    assert plan.Done.read(p).weights_missing(("um", "posthoc_um"), 1) == ["base"]
     machine("merged")
     shards.merge(p, [folder / "cifar10-cpu__base__seed1.tar.gz"])  # the weights come along, into the shard folder
-    assert shards.weights_missing(p, ("um", "posthoc_um"), 1, None) == []
+    assert plan.Done.read(p).weights_missing(("um", "posthoc_um"), 1) == []
 
 
 def _measured(p, stage, seed, seconds, device="NVIDIA H200", train_seconds=None, weights=None):
@@ -141,15 +141,15 @@ def test_device_plan_is_sized_from_committed_bundles_as_from_merged_shards(machi
     _measured(p, "gamma", 1, 25.0)
     for stage, seed in (("base", 0), ("base", 1), ("gamma", 1)):
         shards.pack(p, stage, seed, tmp_path / "bundles")
-    merged = {seed: shards.device_plan(p, seed, 540) for seed in (0, 1, 2)}
+    merged = {seed: plan.device_plan(plan.Done.read(p), seed, 540) for seed in (0, 1, 2)}
     _measured(p, "um_gamma9", 1, 99.0, train_seconds=90.0)  # a stage of other settings (um.gamma_sweep)
     shards.pack(p, "um_gamma9", 1, tmp_path / "bundles")
-    assert shards.bundled(p, tmp_path / "bundles")[("um_gamma9", 1)][0].startswith("bundle of a stage this profile")
+    assert plan.bundled(p, tmp_path / "bundles")[("um_gamma9", 1)][0].startswith("bundle of a stage this profile")
     retrain = next(x for x in merged[2] if x.row == 2 and x.models_only)  # seed 2's base: not done anywhere
-    assert retrain.seconds == shards.STARTUP_SECONDS + 196.0  # the median of the two trainings
+    assert retrain.seconds == plan.STARTUP_SECONDS + 196.0  # the median of the two trainings
     machine("fresh")
-    assert all(x.seconds is None for x in shards.device_plan(p, 1, 540))  # nothing is known here
-    assert {seed: shards.device_plan(p, seed, 540, tmp_path / "bundles") for seed in (0, 1, 2)} == merged
+    assert all(x.seconds is None for x in plan.device_plan(plan.Done.read(p), 1, 540))  # nothing is known here
+    assert {seed: plan.device_plan(plan.Done.read(p, tmp_path / "bundles"), seed, 540) for seed in (0, 1, 2)} == merged
 
 
 def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(machine, capsys):
@@ -163,26 +163,26 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
     _measured(p, "gamma", 0, 25.0)
     _measured(p, "posthoc_base", 0, 20.0)
     _measured(p, "um", 0, 5.0, device="cpu (x86_64, 2 threads)")  # another device kind sizes nothing here
-    start = shards.STARTUP_SECONDS
-    pieces = {(x.row, x.stages): x for x in shards.device_plan(p, 1, 9 * 60)}
+    start = plan.STARTUP_SECONDS
+    pieces = {(x.row, x.stages): x for x in plan.device_plan(plan.Done.read(p), 1, 9 * 60)}
     one = pieces[1, ("base",)]
     assert one.seconds == start + 432 and one.fits(540) and not one.warm
     rest = pieces[1, ("atypical", "gamma", "posthoc_base")]
     assert rest.seconds == start + 77 + 25 + 20 and rest.warm and rest.reads == ()
     # row 2 re-trains base (192 s) in a command of its own (with um's 100 epochs at base's 4.32 s it would not fit),
     # then um and posthoc_um on the same warm machine
-    retrain, um = [x for x in shards.device_plan(p, 1, 9 * 60) if x.row == 2]
+    retrain, um = [x for x in plan.device_plan(plan.Done.read(p), 1, 9 * 60) if x.row == 2]
     assert retrain.models_only and retrain.stages == ("um", "posthoc_um") and retrain.reads == ("gamma", "base")
     assert retrain.seconds == start + 192 and retrain.fits(540) and "re-trains base" in retrain.basis
     assert not retrain.warm and not retrain.blocked
     assert um.stages == ("um", "posthoc_um") and um.warm and um.reads == () and not um.models_only
     assert um.seconds == pytest.approx(start + 432 + 20) and um.fits(540)
     # seed 0's base was trained on the GPU before deterministic kernels: no re-training can reproduce it
-    blocked = [x for x in shards.device_plan(p, 0, 9 * 60) if x.row in (2, 3, 4, 5)]
+    blocked = [x for x in plan.device_plan(plan.Done.read(p), 0, 9 * 60) if x.row in (2, 3, 4, 5)]
     assert blocked and all("nondeterministic" in x.blocked and not x.fits(540) for x in blocked)
-    assert not any(x.blocked for x in shards.device_plan(p, 0, 9 * 60) if x.row > 5)  # they train from scratch
+    assert not any(x.blocked for x in plan.device_plan(plan.Done.read(p), 0, 9 * 60) if x.row > 5)  # they train from scratch
     assert pieces[8, ("no_random",)].seconds == pytest.approx(start + 432)
-    paper = next(x for x in shards.device_plan(p, 0, 540) if x.stages == ("paper_um",))  # seed 0 only
+    paper = next(x for x in plan.device_plan(plan.Done.read(p), 0, 540) if x.stages == ("paper_um",))  # seed 0 only
     assert paper.seconds is None and not paper.fits(540)  # DenseNet: nothing measured sizes it
     assert sorted(n for _, own in pieces for n in own) == sorted(n for own, _ in stages.shard_plan(p, 1) for n in own)
 
@@ -201,3 +201,54 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
         ".tar.gz results/cifar10/bundles/cifar10__base__seed0.tar.gz" in out  # blocked: commented out
     assert any("DOES NOT FIT 9 min" in line and "paper_um not measured" in line for line in out)
     assert reproduce.main(["--profile", "cifar10", "--device-minutes", "9"]) == 2  # only with --plan
+
+
+def test_machine_plan_fits_the_time_left_and_re_trains_a_lost_base_once(machine, capsys, tmp_path):
+    """--plan --machine-minutes: the commands one CPU machine can finish one after another, in the plan's order,
+    sized from the shards measured on a CPU (the seed's own training time for a re-training); a model re-trained by
+    one command is on the machine for the next ones; a row that does not fit is left out with the rows that need
+    it, and a later row that fits is still taken."""
+    p = load_profile("cifar10-cpu")
+    folder = tmp_path / "bundles"
+    machine("a")
+    cpu = "cpu (x86_64, 2 threads)"
+    for seed in (0, 1):
+        _measured(p, "base", seed, 4000.0 + 1000 * seed, device=cpu, train_seconds=2000.0 + 1000 * seed,
+                  weights=b"base" if seed == 0 else None)
+        for stage, sec in (("atypical", 1400.0), ("gamma", 140.0), ("posthoc_base", 30.0)):
+            _measured(p, stage, seed, sec, device=cpu)
+    for stage, sec in (("um", 1800.0), ("posthoc_um", 30.0), ("um_b", 1700.0), ("umap", 1700.0),
+                       ("posthoc_umap", 20.0), ("ft_ce", 1400.0), ("no_atypical_per_class", 3200.0),
+                       ("no_random", 3300.0)):
+        _measured(p, stage, 0, sec, device=cpu)
+    for name in stages.stages(p):
+        for seed in (0, 1):
+            if shards.done(p, name, seed):
+                shards.pack(p, name, seed, folder)
+    machine("b")  # fresh: seed 1's base weights did not travel (none were recorded beside its bundle)
+    done = plan.Done.read(p, folder)
+    commands, left = plan.machine_plan(done, 150 * 60)
+    assert [(c.seed, c.stages) for c in commands] == [(1, ("um", "posthoc_um")), (1, ("um_b",)),
+                                                     (1, ("umap", "posthoc_umap"))]
+    first = commands[0]
+    assert first.retrains == ("base",) and first.seconds == 3000 + 1800 + 30  # seed 1's own training: 3000 s
+    assert commands[1].retrains == () and commands[1].seconds == 1700  # base is here by then
+    assert left[0] == "ft_ce seed 1: ~23 min, 12 min left"  # 150 - 80.5 - 28.3 - 28.7 min
+    assert left[-1] == "no_random seed 2: needs atypical first"
+    # a row too long for the time left is passed over; a later one that fits is taken
+    commands, left = plan.machine_plan(done, 75 * 60)
+    assert [(c.seed, c.stages) for c in commands] == [(1, ("ft_ce",))]
+    assert commands[0].retrains == ("base",) and commands[0].seconds == 3000 + 1400
+    assert left[0] == "um,posthoc_um seed 1: ~80 min, 75 min left"
+    gpu, left = plan.machine_plan(done, 150 * 60, cpu=False)  # nothing was measured on a GPU
+    assert gpu == [] and left[0] == ("um,posthoc_um seed 1: size unknown (re-trains base first (unsized); um not "
+                                     "measured; posthoc_um not measured)")
+
+    assert reproduce.main(["--profile", "cifar10-cpu", "--plan", "--bundle-dir", str(folder),
+                           "--machine-minutes", "150"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "# this machine, 150 min: 3 command(s), ~138 min, one after another (sized from the shards measured on a " \
+           "CPU)" in out
+    assert "# ~80 min: re-trains base first (50 min); um measured (30 min); posthoc_um measured (0 min)" in out
+    assert "# not in it: ft_ce seed 1: ~23 min, 12 min left" in out
+    assert reproduce.main(["--profile", "cifar10-cpu", "--machine-minutes", "150"]) == 2  # only with --plan

@@ -302,6 +302,35 @@ def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path, capsys):
     assert all(shards.ready_seeds(p, nb) == [0] for nb in ("01", "02", "03", "04"))
 
 
+def test_next_shards_run_what_the_machine_plan_prints_re_training_a_lost_base_once(machine, tmp_path, capsys):
+    """Issue 17: --next-shards on a fresh machine that has only the committed bundles runs the commands
+    --plan --machine-minutes prints, in that order, each bundle landing in the bundle folder; the base whose weights
+    were lost is re-trained (to its recorded digest) by the first command only, the later ones find it here."""
+    p = load_profile("cifar10-cpu", TINY_CPU)
+    folder = tmp_path / "bundles"
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY_CPU.items()]
+    machine("a")
+    execute.run_shards("cifar10-cpu", ["base", "atypical", "gamma", "posthoc_base"], [0], TINY_CPU, folder)
+    shards.weights_beside(folder / "cifar10-cpu__base__seed0.tar.gz").unlink()  # lost with the machine (seed 1's case)
+    machine("b")
+    args = ["--profile", "cifar10-cpu", *sets, "--bundle-dir", str(folder)]
+    capsys.readouterr()
+    assert reproduce.main([*args, "--plan", "--machine-minutes", "600"]) == 0
+    planned = re.findall(r"^python -m ood_lib.reproduce .*--stages (\S+) --seeds 0 ", capsys.readouterr().out, re.M)
+    assert planned == [",".join(own) for own, _ in stages.shard_plan(p, 0)[1:]]  # all but the row done
+    assert reproduce.main([*args, "--next-shards", "600", "--allow-emulated-bf16"]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^# next: stages (\S+) seed 0", out, re.M) == planned
+    assert sorted(x.name.split("__")[1] for x in folder.glob("*.tar.gz")) == sorted(stages.stages(p))
+    used = {s: shards.manifest(p, s, 0)["models_used"]["base"] for s in ("um", "um_b", "umap", "ft_ce")}
+    assert used["um"]["retrained"] and used["um"]["match"], used
+    assert not any(used[s]["retrained"] for s in ("um_b", "umap", "ft_ce")) and all(u["match"] for u in used.values())
+    assert f"# {len(planned)} shard command(s) ran;" in out and "no shard is left to run" in out
+    assert reproduce.main([*args, "--next-shards", "600", "--allow-emulated-bf16"]) == 0  # nothing left: runs nothing
+    assert "# 0 shard command(s) ran;" in capsys.readouterr().out
+    assert reproduce.main([*args, "--next-shards", "0"]) == 2
+
+
 def test_dropped_epoch_checkpoints_change_the_disk_not_the_tables(machine, tmp_path):
     """Issue 18 (bounded disk): with ``keep_epoch_checkpoints: false`` a finished run keeps only the epoch checkpoints
     the study loads again (the base run: the last, the selection rules' and rule B's; a fine-tune or a removal arm:
