@@ -23,7 +23,7 @@ from ood_lib.data import DATASETS
 from ood_lib.models import PRETRAINED
 from ood_lib.paths import PROJECT_ROOT, data_dir, figures_dir, models_root, results_dir, run_bytes
 from ood_lib.report import write_report
-from ood_lib.results import cpu_model
+from ood_lib.results import cpu_model, device_name
 from ood_lib.train import native_cpu_bf16, resolve_device, training_precision
 
 
@@ -191,6 +191,8 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
     re-training the base and a 100-epoch fine-tune do not fit in one). ``allow_mixed_models``: go on from a
     re-trained model whose digest differs from the recorded one (``shards.Runner.model``)."""
     profile = load_profile(profile_name, overrides or {})
+    print(f"shard command of profile {profile.name} on {device_name(resolve_device(profile.device))}: torch "
+          f"{torch.__version__}, CUDA {torch.version.cuda} (available: {torch.cuda.is_available()})", flush=True)
     if inputs:
         shards.merge(profile, inputs, allow_mixed_models=allow_mixed_models)
     runner = shards.Runner(profile, allow_mixed_models=allow_mixed_models)

@@ -4,9 +4,10 @@
 # e.g. bash scripts/device_shard.sh base,atypical,gamma,posthoc_base 0
 #      bash scripts/device_shard.sh um,posthoc_um 0 docs/results/cifar10/bundles/cifar10__{base,gamma}__seed0.tar.gz
 # Reads the data from .device/data and the checkpoints from .device/models (scripts/device_data.sh, carried), writes
-# one bundle per (stage, seed) and the log to $OUT (the device tool brings them back), and prints the GPU and the
-# time of each stage. OOD_SET may hold profile overrides, e.g. OOD_SET='--set=train.epochs=2 --set=seeds=[0]' (split
-# at spaces, never globbed). MODELS_ONLY=1 only re-trains (or installs) and checks the models the stages start from,
+# one bundle per (stage, seed) and the log to $OUT (the device tool brings them back), and prints the GPU, torch
+# and the time of each stage. OOD_SET may hold profile overrides, e.g.
+# OOD_SET='--set=train.epochs=2 --set=seeds=[0]' (split at spaces, never globbed). MODELS_ONLY=1 only re-trains (or
+# installs) and checks the models the stages start from,
 # writing no bundle: the first of two commands on one warm machine where re-training the base and the stage do not
 # fit in one command.
 set -euo pipefail
@@ -20,7 +21,6 @@ export OOD_DATA_ROOT="$PWD/.device/data" OOD_MODELS_ROOT="$PWD/.device/models" O
   PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
   CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"  # deterministic cuBLAS (ood_lib.train)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 inputs=()
 [ $# -gt 0 ] && inputs=(--inputs "$@")
 only=(); log="log-${stages//,/-}-seed${seeds//,/-}"

@@ -180,7 +180,8 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
     # seed 0's base was trained on the GPU before deterministic kernels: no re-training can reproduce it
     blocked = [x for x in plan.device_plan(plan.Done.read(p), 0, 9 * 60) if x.row in (2, 3, 4, 5)]
     assert blocked and all("nondeterministic" in x.blocked and not x.fits(540) for x in blocked)
-    assert not any(x.blocked for x in plan.device_plan(plan.Done.read(p), 0, 9 * 60) if x.row > 5)  # they train from scratch
+    assert not any(x.blocked for x in plan.device_plan(plan.Done.read(p), 0, 9 * 60)
+                   if x.row > 5)  # they train from scratch
     assert pieces[8, ("no_random",)].seconds == pytest.approx(start + 432)
     paper = next(x for x in plan.device_plan(plan.Done.read(p), 0, 540) if x.stages == ("paper_um",))  # seed 0 only
     assert paper.seconds is None and not paper.fits(540)  # DenseNet: nothing measured sizes it
