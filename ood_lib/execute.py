@@ -254,14 +254,14 @@ def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = 
             break
         c = commands[0]
         if any((c.seed, c.stages) == (r.seed, r.stages) for r in ran):
-            raise shards.ShardError(f"stages {','.join(c.stages)} seed {c.seed} ran here but are still to run: "
-                                    f"look for their bundles in {folder}")
-        inputs = [bundle for r in c.reads if (bundle := done.shards[(r, c.seed)][1]) is not None]
+            raise shards.ShardError(f"stages {','.join(c.stages)} seed {c.seed} ran here but are still to run: look "
+                                    f"for their shards under {shards.root(profile)} and their bundles in {folder}")
+        inputs = [bundle for r in c.reads if (bundle := done.shards.get((r, c.seed), (None, None))[1]) is not None]
         print(f"# next: stages {','.join(c.stages)} seed {c.seed}, ~{c.seconds / 60:.0f} min ({c.basis}); "
-              f"{(deadline - clock()) / 60:.0f} min left", flush=True)
+              f"{max(deadline - clock(), 0) / 60:.0f} min left", flush=True)
         run_shards(profile_name, list(c.stages), [c.seed], overrides, folder, inputs)
         ran.append(c)
-    print(f"# {len(ran)} shard command(s) ran; {(deadline - clock()) / 60:.0f} min left; "
+    print(f"# {len(ran)} shard command(s) ran; {max(deadline - clock(), 0) / 60:.0f} min left; "
           + (f"not run: {'; '.join(left)}" if left else "no shard is left to run"), flush=True)
     return ran
 

@@ -8,7 +8,7 @@ committed ones, not merged here). From it come
   every shard still to run (``stages.shard_plan``'s order), with the models it must re-train first;
 * ``device_plan``: a seed's shards as lent-GPU commands of at most a time budget each (``--device-minutes``);
 * ``machine_plan``: the shards one machine can finish, one after another, within a time budget
-  (``--machine-minutes``; ``scripts/machine_shards.sh`` runs them).
+  (``--machine-minutes``; ``execute.run_next_shards`` runs them).
 
 Sizes are the seconds the stages took where they ran (manifests here or in the bundles), the median over seeds,
 measured on the same kind of device (``cpu`` or a GPU) only.
@@ -113,19 +113,26 @@ class Done:
 
     def weights_missing(self, own: Iterable[str], seed: int) -> list[str]:
         """The models the shard of stages ``own`` starts from that it must re-train first (checking the recorded
-        digest): those whose final weights are not on this machine (a checkpoint, or weights merged with their
-        bundle) and not beside their bundle with the checksum its manifest records."""
+        digest), those a re-training starts from first: the models whose final weights are not on this machine (a
+        checkpoint, or weights merged with their bundle) and not beside their bundle with the checksum its manifest
+        records."""
         registry, own = stages_mod.stages(self.profile), list(own)
         ctx = stages_mod.Context(self.profile, log=lambda _: None)
-        missing = []
-        for m in dict.fromkeys(m for n in own for m in registry[n].models if m not in own):
-            if registry[m].checkpoint is None or registry[m].checkpoint(ctx, seed).exists():
-                continue
+        missing: list[str] = []
+
+        def need(m: str) -> None:
+            if m in own or m in missing or registry[m].checkpoint is None or registry[m].checkpoint(ctx, seed).exists():
+                return
             recorded, bundle = self.shards.get((m, seed), (None, None))
             merged = recorded is not None and bundle is None and recorded.get("weights") and (
                 shards.shard_dir(self.profile, m, seed) / shards.WEIGHTS).is_file()
             if not merged and not self.travels(m, seed):
+                for dep in registry[m].models:  # its re-training starts from them
+                    need(dep)
                 missing.append(m)
+
+        for m in dict.fromkeys(m for n in own for m in registry[n].models):
+            need(m)
         return missing
 
 
@@ -184,9 +191,9 @@ class _Sizes:
             return self.measured[name], f"{name} measured"
         if stage.epochs is not None and self.per_epoch is not None:
             return self.per_epoch * stage.epochs(self.profile), f"{name} scaled from base's s/epoch"
-        like = next((n for n in self.measured if self.registry[n].notebook == stage.notebook
-                     and self.registry[n].epochs is None and bool(self.registry[n].models) == bool(stage.models)),
-                    None)
+        like = None if stage.train is not None else next(
+            (n for n in self.measured if self.registry[n].notebook == stage.notebook
+             and self.registry[n].train is None and bool(self.registry[n].models) == bool(stage.models)), None)
         if like is not None:
             return self.measured[like], f"{name} sized as {like}"
         return None, f"{name} not measured"
@@ -268,58 +275,79 @@ def device_plan(done: Done, seed: int, budget_s: float) -> list[Piece]:
 class Command:
     """One shard command of a machine's session (``machine_plan``)."""
     seed: int
-    stages: tuple[str, ...]    # the stages of a row of ``stages.shard_plan`` not done yet
-    reads: tuple[str, ...]     # the done stages they need (their bundles, or their shards here)
-    seconds: float             # estimated: those stages, plus the models it re-trains first
+    stages: tuple[str, ...]    # a row of ``stages.shard_plan``, or its stages not done yet where the rest are here
+    reads: tuple[str, ...]     # the done stages they and the re-trainings need (bundles, or shards here)
+    seconds: float             # estimated: start-up, those stages, and the models it re-trains first
     basis: str
     retrains: tuple[str, ...]  # the models it re-trains first (later commands of the session find them here)
 
 
-def _to_run(done: Done) -> list[tuple[int, tuple[str, ...], tuple[str, ...]]]:
+def to_run(done: Done) -> list[tuple[int, tuple[str, ...], tuple[str, ...]]]:
     """The rows of ``stages.shard_plan`` not done yet, seed by seed: (seed, stages, reads)."""
     return [(seed, tuple(own), tuple(reads)) for seed in done.profile.seeds
             for own, reads in stages_mod.shard_plan(done.profile, seed)
             if not all(done.manifest(n, seed) for n in own)]
 
 
+def _reproducible(done: Done, model: str, seed: int, cpu: bool) -> str:
+    """Why re-training ``model`` of ``seed`` on this kind of device cannot reproduce its recorded weights ("" when it
+    can, as far as the record tells: deterministic kernels, the same kind of device)."""
+    m = done.manifest(model, seed)
+    if m is None:
+        return ""
+    if shards._kernels(m) != "deterministic":
+        return f"{model} seed {seed} was trained with nondeterministic kernels ({m['device']}): no re-training " \
+               f"reproduces it"
+    if _on_cpu(m) != cpu:
+        return f"{model} seed {seed} was trained on {m['device']}: a re-training on a {'CPU' if cpu else 'GPU'} " \
+               f"would not reproduce it"
+    return ""
+
+
 def machine_plan(done: Done, budget_s: float, cpu: bool = True) -> tuple[list[Command], list[str]]:
-    """The shard commands one machine can finish one after another within ``budget_s`` seconds, in
-    ``stages.shard_plan``'s order seed by seed, sized by ``_Sizes`` of the shards done on the same kind of device;
-    and why each row left out was left out. A model re-trained by one command (its weights did not travel) is on
-    the machine for the commands after it. A row that does not fit, or that cannot be sized, is left out, and so is
-    every later one that needs its stages."""
+    """The shard commands one machine (``cpu``: a CPU; else a GPU) can finish one after another within ``budget_s``
+    seconds, in ``stages.shard_plan``'s order seed by seed, sized by ``_Sizes`` of the shards done on the same kind
+    of device plus ``STARTUP_SECONDS`` a command; and why each row left out was left out. A command runs a row's
+    stages not done yet where the done ones are here, else the whole row (the base row's stages read every epoch
+    of the base run, which only the machine that trained it has). A model re-trained by one command (its weights did
+    not travel) is on the machine for the commands after it. A row that does not fit, cannot be sized, or would
+    re-train a model that its record says no re-training here reproduces is left out, and so is every later one
+    that needs its stages."""
     registry, sizes = stages_mod.stages(done.profile), _Sizes(done, cpu)
     commands: list[Command] = []
     left: list[str] = []
     spent, here, skipped = 0.0, set(), set()  # here: (model, seed) trained on this machine by an earlier command
-    for seed, row, _ in _to_run(done):
-        own = tuple(n for n in row if done.manifest(n, seed) is None)
-        reads = tuple(dict.fromkeys(d for n in own for d in (*registry[n].inputs, *registry[n].models)
-                                    if d not in own))
-        label = f"{','.join(own)} seed {seed}"
-        if any((n, seed) in skipped for n in reads):
-            left.append(f"{label}: needs {', '.join(n for n in reads if (n, seed) in skipped)} first")
-            skipped |= {(n, seed) for n in own}
+    for seed, row, _ in to_run(done):
+        if all(done.shards.get((n, seed), (None, None))[1] is None for n in row):  # the done ones, if any, are here
+            row = tuple(n for n in row if done.manifest(n, seed) is None)
+        retrain = tuple(m for m in done.weights_missing(row, seed) if (m, seed) not in here)
+        reads = tuple(dict.fromkeys(d for n in (*row, *retrain) for d in (*registry[n].inputs, *registry[n].models)
+                                    if d not in row))  # a model re-trained here is checked against its bundle's record
+        label = f"{','.join(row)} seed {seed}"
+        why = "; ".join(filter(None, (_reproducible(done, m, seed, cpu) for m in retrain)))
+        first = [n for n in reads if (n, seed) in skipped]  # a row left out above makes them
+        if first or why:
+            left.append(f"{label}: " + (f"needs {', '.join(first)} first" if first else why))
+            skipped |= {(n, seed) for n in row}
             continue
-        retrain = tuple(m for m in done.weights_missing(own, seed) if (m, seed) not in here)
-        total: float | None = 0.0
+        total: float | None = STARTUP_SECONDS
         basis = []
         for m in retrain:
             took = sizes.retraining(m, seed)
             total = None if took is None or total is None else total + took
-            basis.append(f"re-trains {m} first (" + (f"{took / 60:.0f} min)" if took else "unsized)"))
-        for name in own:
+            basis.append(f"re-trains {m} first (" + (f"{took / 60:.0f} min)" if took is not None else "unsized)"))
+        for name in row:
             sec, how = sizes.stage(name)
             total = None if sec is None or total is None else total + sec
             basis.append(how + (f" ({sec / 60:.0f} min)" if sec is not None else ""))
         if total is None or spent + total > budget_s:
             left.append(f"{label}: " + (f"size unknown ({'; '.join(basis)})" if total is None else
-                                        f"~{total / 60:.0f} min, {(budget_s - spent) / 60:.0f} min left"))
-            skipped |= {(n, seed) for n in own}
+                                        f"~{total / 60:.0f} min, {max(budget_s - spent, 0) / 60:.0f} min left"))
+            skipped |= {(n, seed) for n in row}
             continue
         spent += total
-        here |= {(m, seed) for m in retrain} | {(n, seed) for n in own if registry[n].checkpoint is not None}
-        commands.append(Command(seed, own, reads, total, "; ".join(basis), retrain))
+        here |= {(m, seed) for m in retrain} | {(n, seed) for n in row if registry[n].checkpoint is not None}
+        commands.append(Command(seed, row, reads, total, "; ".join(basis), retrain))
     return commands, left
 
 
@@ -339,7 +367,7 @@ def report(done: Done, bundle_dir: Path | str | None = None, device_minutes: flo
     if machine_minutes is not None:
         return lines + _machine_lines(done, machine_minutes, bundle_dir, cpu)
     said: set[Key] = set()
-    for seed, own, reads in _to_run(done):
+    for seed, own, reads in to_run(done):
         for m in done.weights_missing(own, seed):
             if done.manifest(m, seed) is None:
                 continue  # the shard that makes it comes first, on the same machine

@@ -42,6 +42,7 @@ This module is only the command line: the work is done by ``ood_lib.execute`` (n
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def _job_options(args):
             raise ProfileError(f"{', '.join(given) or '--shared-dir'} go{'es' if len(given) < 2 else ''} with "
                                "--executor slurm or submitit-local")
         return None
-    if args.stages or args.merge or args.plan or args.next_shards:
+    if args.stages or args.merge or args.plan or args.next_shards is not None:
         raise ProfileError(f"--executor {args.executor} runs the whole study: not with --stages, --merge, --plan or "
                            "--next-shards")
     from ood_lib import cluster
@@ -167,18 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         profile, _ = stages_mod.notebooks_to_run(args.profile, notebooks, overrides)
         seeds = [int(s) for s in _list(args.seeds)] if args.seeds else None
         if (args.seeds or args.inputs or args.models_only) and not args.stages \
-                or args.bundle_dir and not (args.stages or args.plan or args.next_shards):
+                or args.bundle_dir and not (args.stages or args.plan or args.next_shards is not None):
             raise ProfileError("--seeds, --inputs and --models-only go with --stages, --bundle-dir with --stages, "
                                "--plan or --next-shards")
         if args.allow_mixed_models and not (args.stages or args.merge):
             raise ProfileError("--allow-mixed-models goes with --stages or --merge")
-        for flag, minutes in (("--device-minutes", args.device_minutes), ("--machine-minutes", args.machine_minutes)):
-            if minutes is not None and (not args.plan or minutes <= 0):
-                raise ProfileError(f"{flag} {minutes:g}: a positive number of minutes, with --plan")
+        for flag, minutes, plan_only in (("--device-minutes", args.device_minutes, True),
+                                         ("--machine-minutes", args.machine_minutes, True),
+                                         ("--next-shards", args.next_shards, False)):
+            if minutes is not None and (plan_only and not args.plan or not math.isfinite(minutes) or minutes <= 0):
+                raise ProfileError(f"{flag} {minutes:g}: a positive number of minutes" + ", with --plan" * plan_only)
         if args.device_minutes is not None and args.machine_minutes is not None:
             raise ProfileError("--device-minutes or --machine-minutes, not both")
-        if args.next_shards is not None and args.next_shards <= 0:
-            raise ProfileError(f"--next-shards {args.next_shards:g}: a positive number of minutes")
         if seeds is not None and set(seeds) - set(profile.seeds):
             raise ProfileError(f"--seeds {seeds}: profile {profile.name!r} has seeds {list(profile.seeds)}")
         if args.stages:
@@ -214,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             cpu = resolve_device(profile.device).type == "cpu"
             print("\n".join(plan.report(done, args.bundle_dir, args.device_minutes, args.machine_minutes, cpu)))
             return 0
-        preflight(profile, data=not args.merge, stages=_list(args.stages), allow_emulated_bf16=args.allow_emulated_bf16)
+        todo = _list(args.stages)
+        if args.next_shards is not None:  # the checkpoints of the stages still to run, not of every stage
+            done = plan.Done.read(profile, args.bundle_dir or results_dir(profile.name) / "bundles")
+            todo = [n for _, row, _ in plan.to_run(done) for n in row]
+        preflight(profile, data=not args.merge, stages=todo, allow_emulated_bf16=args.allow_emulated_bf16)
         if args.next_shards is not None:
             run_next_shards(args.profile, args.next_shards, overrides, args.bundle_dir)
         elif args.stages:

@@ -163,6 +163,8 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
     _measured(p, "gamma", 0, 25.0)
     _measured(p, "posthoc_base", 0, 20.0)
     _measured(p, "um", 0, 5.0, device="cpu (x86_64, 2 threads)")  # another device kind sizes nothing here
+    _measured(p, "paper_start", 0, 30.0)  # these two train nothing: they size no stage that trains
+    _measured(p, "paper_gamma", 0, 30.0)
     start = plan.STARTUP_SECONDS
     pieces = {(x.row, x.stages): x for x in plan.device_plan(plan.Done.read(p), 1, 9 * 60)}
     one = pieces[1, ("base",)]
@@ -206,24 +208,28 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
 
 def test_machine_plan_fits_the_time_left_and_re_trains_a_lost_base_once(machine, capsys, tmp_path):
     """--plan --machine-minutes: the commands one CPU machine can finish one after another, in the plan's order,
-    sized from the shards measured on a CPU (the seed's own training time for a re-training); a model re-trained by
-    one command is on the machine for the next ones; a row that does not fit is left out with the rows that need
-    it, and a later row that fits is still taken."""
-    p = load_profile("cifar10-cpu")
+    sized from the shards measured on a CPU plus a start-up allowance (the seed's own training time for a
+    re-training); a model re-trained by one command is on the machine for the next ones; a row that does not fit is
+    left out with the rows that need it, and a later row that fits is still taken; a row half done elsewhere runs
+    whole; a re-training that cannot reproduce its record (GPU kernels) is not planned."""
+    p = load_profile("cifar10-cpu", {"seeds": [0, 1, 2, 3]})
     folder = tmp_path / "bundles"
     machine("a")
-    cpu = "cpu (x86_64, 2 threads)"
+    cpu, start = "cpu (x86_64, 2 threads)", plan.STARTUP_SECONDS
     for seed in (0, 1):
         _measured(p, "base", seed, 4000.0 + 1000 * seed, device=cpu, train_seconds=2000.0 + 1000 * seed,
                   weights=b"base" if seed == 0 else None)
         for stage, sec in (("atypical", 1400.0), ("gamma", 140.0), ("posthoc_base", 30.0)):
             _measured(p, stage, seed, sec, device=cpu)
-    for stage, sec in (("um", 1800.0), ("posthoc_um", 30.0), ("um_b", 1700.0), ("umap", 1700.0),
+    for stage, sec in (("um", 1820.0), ("posthoc_um", 30.0), ("um_b", 1700.0), ("umap", 1700.0),
                        ("posthoc_umap", 20.0), ("ft_ce", 1400.0), ("no_atypical_per_class", 3200.0),
                        ("no_random", 3300.0)):
-        _measured(p, stage, 0, sec, device=cpu)
+        _measured(p, stage, 0, sec, device=cpu, train_seconds=1500.0 if stage == "um" else None)
+    _measured(p, "base", 2, 4500.0, device=cpu, train_seconds=2500.0)  # its row cut short after base
+    for stage in ("base", "atypical", "gamma", "posthoc_base"):  # seed 3's row 1 on a GPU
+        _measured(p, stage, 3, 100.0, train_seconds=50.0 if stage == "base" else None)
     for name in stages.stages(p):
-        for seed in (0, 1):
+        for seed in p.seeds:
             if shards.done(p, name, seed):
                 shards.pack(p, name, seed, folder)
     machine("b")  # fresh: seed 1's base weights did not travel (none were recorded beside its bundle)
@@ -232,24 +238,44 @@ def test_machine_plan_fits_the_time_left_and_re_trains_a_lost_base_once(machine,
     assert [(c.seed, c.stages) for c in commands] == [(1, ("um", "posthoc_um")), (1, ("um_b",)),
                                                      (1, ("umap", "posthoc_umap"))]
     first = commands[0]
-    assert first.retrains == ("base",) and first.seconds == 3000 + 1800 + 30  # seed 1's own training: 3000 s
-    assert commands[1].retrains == () and commands[1].seconds == 1700  # base is here by then
-    assert left[0] == "ft_ce seed 1: ~23 min, 12 min left"  # 150 - 80.5 - 28.3 - 28.7 min
-    assert left[-1] == "no_random seed 2: needs atypical first"
+    assert first.retrains == ("base",) and first.seconds == start + 3000 + 1820 + 30  # seed 1's own training
+    assert commands[1].retrains == () and commands[1].seconds == start + 1700  # base is here by then
+    assert left[0] == "ft_ce seed 1: ~24 min, 9 min left"  # 150 - 81.8 - 29.3 - 29.7 min
+    assert "no_random seed 2: needs atypical first" in left
     # a row too long for the time left is passed over; a later one that fits is taken
     commands, left = plan.machine_plan(done, 75 * 60)
     assert [(c.seed, c.stages) for c in commands] == [(1, ("ft_ce",))]
-    assert commands[0].retrains == ("base",) and commands[0].seconds == 3000 + 1400
-    assert left[0] == "um,posthoc_um seed 1: ~80 min, 75 min left"
-    gpu, left = plan.machine_plan(done, 150 * 60, cpu=False)  # nothing was measured on a GPU
-    assert gpu == [] and left[0] == ("um,posthoc_um seed 1: size unknown (re-trains base first (unsized); um not "
-                                     "measured; posthoc_um not measured)")
+    assert commands[0].retrains == ("base",) and commands[0].seconds == start + 3000 + 1400
+    assert left[0] == "um,posthoc_um seed 1: ~82 min, 75 min left"
+    # seed 2's row runs whole: atypical and gamma read every epoch of the base run, which only its machine had;
+    # seed 3's base was trained on a GPU: no re-training here gives its weights, so what starts from it waits
+    commands, left = plan.machine_plan(done, 10_000 * 60)
+    planned = [(c.seed, c.stages) for c in commands]
+    assert (2, ("base", "atypical", "gamma", "posthoc_base")) in planned
+    assert [own for s, own in planned if s == 3] == [("no_atypical_per_class",), ("no_random",)]
+    assert ("um,posthoc_um seed 3: base seed 3 was trained with nondeterministic kernels (NVIDIA H200): no "
+            "re-training reproduces it") in left
+    gpu, left = plan.machine_plan(done, 150 * 60, cpu=False)  # seed 1's base was trained on a CPU
+    assert ("um,posthoc_um seed 1: base seed 1 was trained on cpu (x86_64, 2 threads): a re-training on a GPU would "
+            "not reproduce it") == left[0]
+    # a model here without its weights is re-trained from the models it starts from, re-trained first
+    _measured(p, "um", 1, 1820.0, device=cpu)
+    done = plan.Done.read(p, folder)
+    assert done.weights_missing(("posthoc_um",), 1) == ["base", "um"]
+    first = plan.machine_plan(done, 150 * 60)[0][0]
+    assert (first.stages, first.retrains, first.reads) == (("posthoc_um",), ("base", "um"), ("um", "gamma", "base"))
+    assert first.seconds == start + 3000 + 1500 + 30  # um's re-training: seed 0's training (seed 1's is unknown)
+    shards.shard_dir(p, "um", 1).joinpath(shards.MANIFEST).unlink()
 
-    assert reproduce.main(["--profile", "cifar10-cpu", "--plan", "--bundle-dir", str(folder),
-                           "--machine-minutes", "150"]) == 0
+    args = ["--profile", "cifar10-cpu", "--set=seeds=[0,1,2,3]", "--plan", "--bundle-dir", str(folder)]
+    assert reproduce.main([*args, "--machine-minutes", "150"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "# this machine, 150 min: 3 command(s), ~138 min, one after another (sized from the shards measured on a " \
+    assert "# this machine, 150 min: 3 command(s), ~141 min, one after another (sized from the shards measured on a " \
            "CPU)" in out
-    assert "# ~80 min: re-trains base first (50 min); um measured (30 min); posthoc_um measured (0 min)" in out
-    assert "# not in it: ft_ce seed 1: ~23 min, 12 min left" in out
+    assert "# ~82 min: re-trains base first (50 min); um measured (30 min); posthoc_um measured (0 min)" in out
+    assert "# not in it: ft_ce seed 1: ~24 min, 9 min left" in out
     assert reproduce.main(["--profile", "cifar10-cpu", "--machine-minutes", "150"]) == 2  # only with --plan
+    for bad in (["--machine-minutes", "nan"], ["--machine-minutes", "0"], ["--device-minutes", "inf"]):
+        assert reproduce.main([*args, *bad]) == 2
+    assert reproduce.main(["--profile", "cifar10-cpu", "--next-shards", "nan"]) == 2
+    assert "--next-shards nan: a positive number of minutes" in capsys.readouterr().err
