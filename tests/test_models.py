@@ -186,7 +186,7 @@ def test_pretrained_loads_strictly(name, affine, normalise):
 
 @pytest.fixture(scope="module")
 def cifar10_test_subset():
-    """The first 200 test images of each class of CIFAR-10 (the JPEG copy in ../shared/data, 2,000 images), found
+    """The first 50 test images of each class of CIFAR-10 (the JPEG copy in ../shared/data, 500 images), found
     as the library finds it: OOD_DATA_ROOT, else ../shared/data (the Makefile's default, conftest's ``data_root``),
     then data/raw and the array cache. Skipped, with every place looked, only when it is nowhere."""
     from ood_lib.data import DatasetMissing, load_dataset
@@ -194,7 +194,7 @@ def cifar10_test_subset():
         test = load_dataset("cifar10", "test")
     except DatasetMissing as e:
         pytest.skip(f"CIFAR-10 is in none of the places looked: {e}")
-    idx = np.concatenate([np.flatnonzero(test.y == c)[:200] for c in range(10)])
+    idx = np.concatenate([np.flatnonzero(test.y == c)[:50] for c in range(10)])
     x = torch.from_numpy(test.x[idx]).permute(0, 3, 1, 2).float().div(255)
     return x, torch.from_numpy(test.y[idx])
 
@@ -204,15 +204,15 @@ def cifar10_test_subset():
     pytest.param("um_densenet_cifar10", marks=needs_checkpoint("um_densenet_cifar10")),
 ])
 def test_pretrained_accuracy_on_cifar10_jpeg(name, cifar10_test_subset):
-    # About 94-95% on the original test set, about 82% on the JPEG (q75) copy; a wrong normalisation or layer
-    # order lands far lower.
+    # About 94-95% on the original test set, about 82% on the JPEG (q75) copy (these 500 images: 82.2% and 80.2%);
+    # a wrong normalisation or layer order lands far lower.
     x, y = cifar10_test_subset
-    assert len(y) == 2000 and torch.equal(torch.bincount(y), torch.full((10,), 200))
+    assert len(y) == 500 and torch.equal(torch.bincount(y), torch.full((10,), 50))
     model = load_pretrained(name)
-    with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 100]).argmax(1) for i in range(0, len(x), 100)])  # 100: faster on 2 cores
+    with torch.no_grad():  # batches of 32: DenseNet's fastest on 2 cores (11 s for the 500, against 17 s at 100)
+        pred = torch.cat([model(x[i:i + 32]).argmax(1) for i in range(0, len(x), 32)])
     accuracy = (pred == y).float().mean().item()
-    assert 0.75 <= accuracy <= 0.90, f"{name}: top-1 {accuracy:.4f} on 2,000 CIFAR-10 JPEG test images"
+    assert 0.75 <= accuracy <= 0.90, f"{name}: top-1 {accuracy:.4f} on 500 CIFAR-10 JPEG test images"
 
 
 def _basic_block_parameters(c_in: int, c_out: int) -> int:

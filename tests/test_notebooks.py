@@ -247,8 +247,8 @@ def test_notebook_00_scores_the_pretrained_checkpoints(tmp_path, monkeypatch):
         pytest.skip(f"CIFAR-10 is in none of the places looked: {e}")
     monkeypatch.setenv("OOD_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path / "figures"))
-    small = {"data.id_test_size": 400, "data.ood_size": 200, "data.id_val_size": 10,
-             "um.curve_images": 60, "um.curve_keep": [0.965], "um.gallery_size": 1}  # gamma on 60 images, not 1,000
+    small = {"data.id_test_size": 200, "data.ood_size": 100, "data.id_val_size": 10,
+             "um.curve_images": 30, "um.curve_keep": [0.965], "um.gallery_size": 1}  # gamma on 30 images, not 1,000
     execute.run("cifar10-pretrained", ["00"], small)
     m = pd.read_csv(tmp_path / "results/cifar10-pretrained/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
     acc = m[m.metric == "id_acc"].set_index("model")["value"]
