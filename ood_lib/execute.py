@@ -264,4 +264,3 @@ def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = 
     print(f"# {len(ran)} shard command(s) ran; {max(deadline - clock(), 0) / 60:.0f} min left; "
           + (f"not run: {'; '.join(left)}" if left else "no shard is left to run"), flush=True)
     return ran
-

@@ -54,6 +54,7 @@ from ood_lib.execute import RunError, explain_os_error, preflight, run, run_next
 from ood_lib.paths import results_dir
 from ood_lib.train import resolve_device
 
+
 def _list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
