@@ -10,7 +10,7 @@ LAYERS = [
     {"paths", "atomic", "progress", "config", "data", "models", "train", "features", "results"},  # infrastructure
     {"base", "um", "atypical", "comparison", "epochs"},                                       # the study
     {"plots", "tables", "report"},                                                            # presentation
-    {"stages", "shards", "plan", "execute", "cluster", "reproduce"},                                  # the runs on top
+    {"stages", "shards", "plan", "execute", "cluster", "reproduce"},                          # the runs on top
 ]
 
 
