@@ -24,7 +24,7 @@ from ood_lib.models import PRETRAINED
 from ood_lib.paths import PROJECT_ROOT, data_dir, figures_dir, models_root, results_dir, run_bytes
 from ood_lib.report import write_report
 from ood_lib.results import cpu_model, device_name
-from ood_lib.train import native_cpu_bf16, resolve_device, training_precision
+from ood_lib.train import TrainingDiverged, native_cpu_bf16, resolve_device, training_precision
 
 
 # papermill, zmq and traitlets are imported where notebooks run: a shard command (e.g. on a device machine, whose
@@ -238,18 +238,21 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
 
 
 def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = None, bundle_dir: Path | None = None,
-                    clock=time.monotonic) -> list[plan.Command]:
+                    clock=time.monotonic) -> tuple[list[plan.Command], dict[tuple[str, int], str]]:
     """The shards still to run that this machine can finish within ``minutes``, one shard command after another:
     the first command of ``plan.machine_plan`` that fits the time left, then the state read again (the bundles it
     wrote, the models it left on this machine), and so on until nothing fits. Every bundle lands in ``bundle_dir``
-    (default results/<profile>/bundles) as its stage finishes, where bundles already there count as done."""
+    (default results/<profile>/bundles) as its stage finishes, where bundles already there count as done. A command
+    that stops (e.g. a re-trained model whose weights differ from the recorded ones, or a diverged training) does not
+    end the session: its stages and the models it re-trained are left out from then on, with everything that needs
+    them, and the others go on. Returns the commands run and (stage, seed) -> why it failed."""
     profile = load_profile(profile_name, overrides or {})
     folder = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
     cpu = resolve_device(profile.device).type == "cpu"
-    deadline, ran = clock() + minutes * 60, []
+    deadline, ran, failed = clock() + minutes * 60, [], {}
     while True:
         done = plan.Done.read(profile, folder)
-        commands, left = plan.machine_plan(done, deadline - clock(), cpu)
+        commands, left = plan.machine_plan(done, deadline - clock(), cpu, failed)
         if not commands:
             break
         c = commands[0]
@@ -259,8 +262,14 @@ def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = 
         inputs = [bundle for r in c.reads if (bundle := done.shards.get((r, c.seed), (None, None))[1]) is not None]
         print(f"# next: stages {','.join(c.stages)} seed {c.seed}, ~{c.seconds / 60:.0f} min ({c.basis}); "
               f"{max(deadline - clock(), 0) / 60:.0f} min left", flush=True)
-        run_shards(profile_name, list(c.stages), [c.seed], overrides, folder, inputs)
         ran.append(c)
-    print(f"# {len(ran)} shard command(s) ran; {max(deadline - clock(), 0) / 60:.0f} min left; "
+        try:
+            run_shards(profile_name, list(c.stages), [c.seed], overrides, folder, inputs)
+        except (shards.ShardError, TrainingDiverged) as e:
+            print(f"# stages {','.join(c.stages)} seed {c.seed} stopped: {e}; the shards that need them are left "
+                  "out, the others go on", flush=True)
+            failed |= {(n, c.seed): str(e).split(". ")[0] for n in (*c.stages, *c.retrains)}
+    print(f"# {len(ran)} shard command(s) ran, {len(failed)} stage(s) failed; "
+          f"{max(deadline - clock(), 0) / 60:.0f} min left; "
           + (f"not run: {'; '.join(left)}" if left else "no shard is left to run"), flush=True)
-    return ran
+    return ran, failed

@@ -304,7 +304,8 @@ def _reproducible(done: Done, model: str, seed: int, cpu: bool) -> str:
     return ""
 
 
-def machine_plan(done: Done, budget_s: float, cpu: bool = True) -> tuple[list[Command], list[str]]:
+def machine_plan(done: Done, budget_s: float, cpu: bool = True,
+                 failed: dict[Key, str] | None = None) -> tuple[list[Command], list[str]]:
     """The shard commands one machine (``cpu``: a CPU; else a GPU) can finish one after another within ``budget_s``
     seconds, in ``stages.shard_plan``'s order seed by seed, sized by ``_Sizes`` of the shards done on the same kind
     of device plus ``STARTUP_SECONDS`` a command; and why each row left out was left out. A command runs a row's
@@ -312,7 +313,8 @@ def machine_plan(done: Done, budget_s: float, cpu: bool = True) -> tuple[list[Co
     of the base run, which only the machine that trained it has). A model re-trained by one command (its weights did
     not travel) is on the machine for the commands after it. A row that does not fit, cannot be sized, or would
     re-train a model that its record says no re-training here reproduces is left out, and so is every later one
-    that needs its stages."""
+    that needs its stages. ``failed``: (stage, seed) -> why it failed on this machine (``execute.run_next_shards``):
+    a row that would compute, re-train or read one is left out, with the reason."""
     registry, sizes = stages_mod.stages(done.profile), _Sizes(done, cpu)
     commands: list[Command] = []
     left: list[str] = []
@@ -324,7 +326,12 @@ def machine_plan(done: Done, budget_s: float, cpu: bool = True) -> tuple[list[Co
         reads = tuple(dict.fromkeys(d for n in (*row, *retrain) for d in (*registry[n].inputs, *registry[n].models)
                                     if d not in row))  # a model re-trained here is checked against its bundle's record
         label = f"{','.join(row)} seed {seed}"
-        why = "; ".join(filter(None, (_reproducible(done, m, seed, cpu) for m in retrain)))
+        reasons = [x for x in (_reproducible(done, m, seed, cpu) for m in retrain) if x]
+        gone = [n for n in dict.fromkeys((*row, *retrain, *reads)) if (n, seed) in (failed or {})]
+        if gone:
+            reasons.append(f"{', '.join(gone)} of seed {seed} failed here "
+                           f"({'; '.join(dict.fromkeys(failed[(n, seed)] for n in gone))})")
+        why = "; ".join(reasons)
         first = [n for n in reads if (n, seed) in skipped]  # a row left out above makes them
         if first or why:
             left.append(f"{label}: " + (f"needs {', '.join(first)} first" if first else why))

@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             todo = [n for _, row, _ in plan.to_run(done) for n in row]
         preflight(profile, data=not args.merge, stages=todo, allow_emulated_bf16=args.allow_emulated_bf16)
         if args.next_shards is not None:
-            run_next_shards(args.profile, args.next_shards, overrides, args.bundle_dir)
-        elif args.stages:
+            _, failed = run_next_shards(args.profile, args.next_shards, overrides, args.bundle_dir)
+            return 1 if failed else 0
+        if args.stages:
             run_shards(args.profile, _list(args.stages), seeds, overrides, args.bundle_dir, args.inputs,
                        models_only=args.models_only, allow_mixed_models=args.allow_mixed_models)
         elif args.merge:

@@ -325,10 +325,43 @@ def test_next_shards_run_what_the_machine_plan_prints_re_training_a_lost_base_on
     used = {s: shards.manifest(p, s, 0)["models_used"]["base"] for s in ("um", "um_b", "umap", "ft_ce")}
     assert used["um"]["retrained"] and used["um"]["match"], used
     assert not any(used[s]["retrained"] for s in ("um_b", "umap", "ft_ce")) and all(u["match"] for u in used.values())
-    assert f"# {len(planned)} shard command(s) ran;" in out and "no shard is left to run" in out
+    assert f"# {len(planned)} shard command(s) ran, 0 stage(s) failed;" in out and "no shard is left to run" in out
     assert reproduce.main([*args, "--next-shards", "600", "--allow-emulated-bf16"]) == 0  # nothing left: runs nothing
-    assert "# 0 shard command(s) ran;" in capsys.readouterr().out
+    assert "# 0 shard command(s) ran, 0 stage(s) failed;" in capsys.readouterr().out
     assert reproduce.main([*args, "--next-shards", "0"]) == 2
+
+
+def test_next_shards_go_on_past_a_command_that_stops(machine, tmp_path, capsys):
+    """An unattended --next-shards session does not end at a command that stops: here the re-trained base differs
+    from the weights its bundle records, so the shards that start from it are left out, saying why, and the removal
+    arms, which train from scratch, still run; the exit status says that something failed."""
+    folder = tmp_path / "bundles"
+    machine("a")
+    execute.run_shards("cifar10-cpu", ["base", "atypical", "gamma", "posthoc_base"], [0], TINY_CPU, folder)
+    p = load_profile("cifar10-cpu", TINY_CPU)
+    for stage in ("base", "atypical", "gamma", "posthoc_base"):  # as if trained where the kernels differ from these
+        m = shards.manifest(p, stage, 0)
+        if stage == "base":
+            m["final_digest"] = "0" * 64
+        if "base" in m.get("models_used", {}):
+            m["models_used"]["base"]["digest"] = "0" * 64
+        (shards.shard_dir(p, stage, 0) / shards.MANIFEST).write_text(json.dumps(m))
+        shards.pack(p, stage, 0, folder)
+    shards.weights_beside(folder / "cifar10-cpu__base__seed0.tar.gz").unlink()
+    machine("b")
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY_CPU.items()]
+    capsys.readouterr()
+    assert reproduce.main(["--profile", "cifar10-cpu", *sets, "--bundle-dir", str(folder), "--next-shards", "600",
+                           "--allow-emulated-bf16"]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"^# next: stages (\S+) seed 0", out, re.M) == ["um,posthoc_um", "no_atypical_per_class",
+                                                                       "no_random"]
+    assert re.search(r"^# stages um,posthoc_um seed 0 stopped: the re-trained base model of seed 0 here differs", out,
+                     re.M)
+    assert "um_b seed 0: base of seed 0 failed here (the re-trained base model of seed 0 here differs" in out
+    assert "# 3 shard command(s) ran, 3 stage(s) failed;" in out  # um, posthoc_um and the base they start from
+    assert {x.name.split("__")[1] for x in folder.glob("*.tar.gz")} == {
+        "base", "atypical", "gamma", "posthoc_base", "no_atypical_per_class", "no_random"}
 
 
 def test_dropped_epoch_checkpoints_change_the_disk_not_the_tables(machine, tmp_path):
