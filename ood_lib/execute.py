@@ -243,13 +243,14 @@ def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = 
     the first command of ``plan.machine_plan`` that fits the time left, then the state read again (the bundles it
     wrote, the models it left on this machine), and so on until nothing fits. Every bundle lands in ``bundle_dir``
     (default results/<profile>/bundles) as its stage finishes, where bundles already there count as done. A command
-    that stops (e.g. a re-trained model whose weights differ from the recorded ones, or a diverged training) does not
-    end the session: its stages and the models it re-trained are left out from then on, with everything that needs
-    them, and the others go on. Returns the commands run and (stage, seed) -> why it failed."""
+    that stops (e.g. a re-trained model whose weights differ from the recorded ones, a diverged training, a bundle
+    that does not merge) does not end the session: its stages are left out from then on, and so is a model it
+    starts from whose weights here differ from the recorded ones, with everything that needs them; the others go
+    on. Returns the commands run and (stage, seed) -> why it failed."""
     profile = load_profile(profile_name, overrides or {})
     folder = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
     cpu = resolve_device(profile.device).type == "cpu"
-    deadline, ran, failed = clock() + minutes * 60, [], {}
+    deadline, ran, stopped, failed = clock() + minutes * 60, [], 0, {}
     while True:
         done = plan.Done.read(profile, folder)
         commands, left = plan.machine_plan(done, deadline - clock(), cpu, failed)
@@ -266,10 +267,30 @@ def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = 
         try:
             run_shards(profile_name, list(c.stages), [c.seed], overrides, folder, inputs)
         except (shards.ShardError, TrainingDiverged) as e:
-            print(f"# stages {','.join(c.stages)} seed {c.seed} stopped: {e}; the shards that need them are left "
-                  "out, the others go on", flush=True)
-            failed |= {(n, c.seed): str(e).split(". ")[0] for n in (*c.stages, *c.retrains)}
-    print(f"# {len(ran)} shard command(s) ran, {len(failed)} stage(s) failed; "
-          f"{max(deadline - clock(), 0) / 60:.0f} min left; "
+            stopped += 1
+            why = str(e).split(". ")[0]
+            failed |= {(n, c.seed): why for n in c.stages}
+            failed |= {(m, c.seed): f"its weights here are {d[:12]}, its record {r[:12]}"
+                       for m, d, r in _models_unlike_their_record(profile, c, plan.Done.read(profile, folder))}
+            print(f"# stages {','.join(c.stages)} seed {c.seed} stopped: {e}; what needs "
+                  f"{', '.join(n for n, s in failed if s == c.seed)} is left out, the rest goes on", flush=True)
+    print(f"# {len(ran)} shard command(s) ran, {stopped} stopped; {max(deadline - clock(), 0) / 60:.0f} min left; "
           + (f"not run: {'; '.join(left)}" if left else "no shard is left to run"), flush=True)
     return ran, failed
+
+
+def _models_unlike_their_record(profile, c: plan.Command, done: plan.Done) -> list[tuple[str, str, str]]:
+    """The models a command's stages start from whose checkpoint on this machine differs from the weights their
+    stage recorded: (model, digest here, recorded digest)."""
+    registry = stages_mod.stages(profile)
+    ctx = stages_mod.Context(profile, log=lambda _: None)
+    models = dict.fromkeys([*c.retrains, *(d for n in c.stages for d in registry[n].models if d not in c.stages)])
+    out = []
+    for m in models:
+        recorded = (done.manifest(m, c.seed) or {}).get("final_digest")
+        checkpoint = registry[m].checkpoint
+        if recorded and registry[m].digest and checkpoint and checkpoint(ctx, c.seed).exists():
+            here = registry[m].digest(ctx, c.seed)
+            if here and here != recorded:
+                out.append((m, here, recorded))
+    return out

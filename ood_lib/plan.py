@@ -334,7 +334,7 @@ def machine_plan(done: Done, budget_s: float, cpu: bool = True,
         why = "; ".join(reasons)
         first = [n for n in reads if (n, seed) in skipped]  # a row left out above makes them
         if first or why:
-            left.append(f"{label}: " + (f"needs {', '.join(first)} first" if first else why))
+            left.append(f"{label}: " + (why or f"needs {', '.join(first)} first"))
             skipped |= {(n, seed) for n in row}
             continue
         total: float | None = STARTUP_SECONDS

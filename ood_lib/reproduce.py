@@ -25,7 +25,8 @@
 
     python -m ood_lib.reproduce --profile cifar10-cpu --next-shards 170 [--bundle-dir DIR]
         run those commands: the next shard that fits the time left, then the plan read again, until none fits.
-        Each bundle lands in the bundle folder as its stage finishes.
+        Each bundle lands in the bundle folder as its stage finishes. A command that stops leaves out what needs
+        it, the rest goes on, and the exit status is then 1.
 
 Executed notebooks go to ``results/<profile>/notebooks/``. The profile and every ``--set`` override are validated
 before any work (an unknown name fails with the allowed names listed), and so are the output folders (writable)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--plan", action="store_true", help="list every (stage, seed) of the profile and its status")
     mode.add_argument("--next-shards", type=float, default=None, metavar="MINUTES",
                       help="run the shards still to run that this machine can finish in MINUTES, one after another "
-                           "(what --plan --machine-minutes prints)")
+                           "(what --plan --machine-minutes prints); exit status 1 if one of them stopped")
     ap.add_argument("--device-minutes", type=float, default=None, metavar="M",
                     help="with --plan: print the shards still to run as lent-GPU commands of at most M minutes where "
                          "the stages measured here say they fit")

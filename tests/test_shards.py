@@ -325,9 +325,9 @@ def test_next_shards_run_what_the_machine_plan_prints_re_training_a_lost_base_on
     used = {s: shards.manifest(p, s, 0)["models_used"]["base"] for s in ("um", "um_b", "umap", "ft_ce")}
     assert used["um"]["retrained"] and used["um"]["match"], used
     assert not any(used[s]["retrained"] for s in ("um_b", "umap", "ft_ce")) and all(u["match"] for u in used.values())
-    assert f"# {len(planned)} shard command(s) ran, 0 stage(s) failed;" in out and "no shard is left to run" in out
+    assert f"# {len(planned)} shard command(s) ran, 0 stopped;" in out and "no shard is left to run" in out
     assert reproduce.main([*args, "--next-shards", "600", "--allow-emulated-bf16"]) == 0  # nothing left: runs nothing
-    assert "# 0 shard command(s) ran, 0 stage(s) failed;" in capsys.readouterr().out
+    assert "# 0 shard command(s) ran, 0 stopped;" in capsys.readouterr().out
     assert reproduce.main([*args, "--next-shards", "0"]) == 2
 
 
@@ -358,10 +358,41 @@ def test_next_shards_go_on_past_a_command_that_stops(machine, tmp_path, capsys):
                                                                        "no_random"]
     assert re.search(r"^# stages um,posthoc_um seed 0 stopped: the re-trained base model of seed 0 here differs", out,
                      re.M)
-    assert "um_b seed 0: base of seed 0 failed here (the re-trained base model of seed 0 here differs" in out
-    assert "# 3 shard command(s) ran, 3 stage(s) failed;" in out  # um, posthoc_um and the base they start from
+    assert "um_b seed 0: base of seed 0 failed here (its weights here are 65285ca798c1, its record 000000000000)" in out
+    assert "# 3 shard command(s) ran, 1 stopped;" in out
     assert {x.name.split("__")[1] for x in folder.glob("*.tar.gz")} == {
         "base", "atypical", "gamma", "posthoc_base", "no_atypical_per_class", "no_random"}
+    # the next session finds that base on the machine: one command learns it again, not every one that needs it
+    assert reproduce.main(["--profile", "cifar10-cpu", *sets, "--bundle-dir", str(folder), "--next-shards", "600",
+                           "--allow-emulated-bf16"]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"^# next: stages (\S+) seed 0", out, re.M) == ["um,posthoc_um"]
+    assert "# 1 shard command(s) ran, 1 stopped;" in out and "um_b seed 0: base of seed 0 failed here" in out
+
+
+def test_next_shards_leave_out_only_what_failed(machine, tmp_path, capsys, monkeypatch):
+    """A fine-tune that diverges stops its own command only: the base it re-trained (to its recorded digest) is good,
+    so the other shards that start from it still run, each stopping on its own."""
+    from ood_lib import um
+    from ood_lib.train import TrainingDiverged
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("training loss is nan at epoch 1")
+    folder = tmp_path / "bundles"
+    machine("a")
+    execute.run_shards("cifar10-cpu", ["base", "atypical", "gamma", "posthoc_base"], [0], TINY_CPU, folder)
+    shards.weights_beside(folder / "cifar10-cpu__base__seed0.tar.gz").unlink()
+    machine("b")
+    monkeypatch.setattr(um, "train", diverge)  # every fine-tune of notebook 03 (UM, UMAP, the CE control)
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY_CPU.items()]
+    capsys.readouterr()
+    assert reproduce.main(["--profile", "cifar10-cpu", *sets, "--bundle-dir", str(folder), "--next-shards", "600",
+                           "--allow-emulated-bf16"]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"^# next: stages (\S+) seed 0", out, re.M) == [
+        "um,posthoc_um", "um_b", "umap,posthoc_umap", "ft_ce", "no_atypical_per_class", "no_random"]
+    assert "# 6 shard command(s) ran, 4 stopped;" in out and "base of seed 0 failed" not in out
+    assert "um_b seed 0: um_b of seed 0 failed here (training loss is nan at epoch 1)" in out
 
 
 def test_dropped_epoch_checkpoints_change_the_disk_not_the_tables(machine, tmp_path):
