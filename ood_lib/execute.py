@@ -269,11 +269,12 @@ def run_next_shards(profile_name: str, minutes: float, overrides: dict | None = 
         except (shards.ShardError, TrainingDiverged) as e:
             stopped += 1
             why = str(e).split(". ")[0]
-            failed |= {(n, c.seed): why for n in c.stages}
-            failed |= {(m, c.seed): f"its weights here are {d[:12]}, its record {r[:12]}"
-                       for m, d, r in _models_unlike_their_record(profile, c, plan.Done.read(profile, folder))}
+            new = {(n, c.seed): why for n in c.stages}
+            new |= {(m, c.seed): f"its weights here are {d[:12]}, its record {r[:12]}"
+                    for m, d, r in _models_unlike_their_record(profile, c, plan.Done.read(profile, folder))}
+            failed |= new
             print(f"# stages {','.join(c.stages)} seed {c.seed} stopped: {e}; what needs "
-                  f"{', '.join(n for n, s in failed if s == c.seed)} is left out, the rest goes on", flush=True)
+                  f"{', '.join(n for n, _ in new)} is left out, the rest goes on", flush=True)
     print(f"# {len(ran)} shard command(s) ran, {stopped} stopped; {max(deadline - clock(), 0) / 60:.0f} min left; "
           + (f"not run: {'; '.join(left)}" if left else "no shard is left to run"), flush=True)
     return ran, failed
