@@ -227,37 +227,6 @@ def test_merged_shards_equal_the_one_piece_run(machine, tmp_path, monkeypatch, c
     assert max(len(x.read_bytes()) for x in a + b + c) < 16 * 2**20
 
 
-def test_the_authors_checkpoint_stages_and_notebook_06(machine):
-    """Notebook 06 at a tiny scale on the real Unleashing Mask checkpoint: its stages run for um.paper_seeds only,
-    every fine-tune starts from the checkpoint (epoch 0 rows are the checkpoint itself), UM uses the given gamma."""
-    from ood_lib.models import load_pretrained
-    try:
-        load_pretrained("um_densenet_cifar10")
-    except FileNotFoundError as e:
-        pytest.fail(f"the pretrained checkpoints are part of the test data (../shared/models): {e}")
-    small = {**TINY, "data.train_size": 48, "data.id_test_size": 60, "data.ood_size": 40, "um.epochs": 1,
-             "um.atypical_remove": 10,
-             "data.ood_sets": ["tinyimagenet32", "mnist"], "notebooks": ["06"], "eval.detectors": ["msp", "energy"],
-             "eval.batch_size": 64, "train.batch_size": 24}
-    out = machine("paper")
-    execute.run("cifar10", None, small)
-    p = load_profile("cifar10", small)
-    assert [s for s in stages.stages(p)] == ["paper_start", "paper_gamma", "paper_um", "paper_um_ours",
-                                             "paper_umap", "paper_ft_ce"]
-    assert all(shards.done(p, n, 0) and not shards.done(p, n, 1) for n in stages.stages(p))  # seed 0 only
-    m = pd.read_csv(out / "results/cifar10/metrics.csv", dtype={"notebook": str}, keep_default_na=False)
-    assert set(m.model) == {"um_densenet_cifar10", "paper_um", "paper_um_ours", "paper_umap", "paper_ft_ce"}
-    assert set(m[m.model == "um_densenet_cifar10"].epoch) == {0}
-    acc = m[(m.model == "um_densenet_cifar10") & (m.metric == "id_acc")].value.iloc[0]
-    assert acc > 0.6  # the authors' model on our JPEG CIFAR-10 (about 0.82 on the whole test set)
-    hist = pd.read_csv(out / "results/cifar10/06_training_history.csv")
-    assert (hist[hist.model == "paper_um"].gamma == 0.15).all()
-    ours = pd.read_csv(out / "results/cifar10/06_gamma.csv")
-    assert (hist[hist.model == "paper_um_ours"].gamma == ours["used"].iloc[0]).all() and ours["used"].iloc[0] > 0
-    text = (out / "results/cifar10/notebooks/06_paper_checkpoint.ipynb").read_text()
-    assert "The README's relative drop is 22.0%" in text
-
-
 # cifar10-cpu at a tiny scale: its five OOD sets (iSUN among them), the balanced subset, bf16 training on the CPU.
 TINY_CPU = {"data.train_size": 100, "data.id_val_size": 50, "data.id_test_size": 60, "data.ood_size": 20,
             "model.options": {"width": 4, "blocks": [1, 1, 1, 1]}, "train.epochs": 2, "train.batch_size": 50,
