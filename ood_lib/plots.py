@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -25,11 +26,21 @@ def style() -> None:
 
 
 def save(fig, profile: str, name: str) -> list[Path]:
+    """Write ``fig`` as PDF and PNG. In a notebook (matplotlib's inline backend) it is then shown as the PNG just
+    written, at the size the inline backend would draw it, and closed: what the notebook (and its report) shows is
+    the file, and the figure is rendered twice instead of three times."""
     out = figures_dir(profile)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
     for p in paths:
         fig.savefig(p)
+    if "inline" in matplotlib.get_backend():
+        from IPython.display import Image, display
+
+        png = paths[1].read_bytes()
+        width = int.from_bytes(png[16:20], "big")  # the PNG header's width, in pixels
+        display(Image(data=png, width=round(width * fig.dpi / plt.rcParams["savefig.dpi"])))
+        plt.close(fig)
     return paths
 
 

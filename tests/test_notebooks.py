@@ -1,4 +1,6 @@
 """Every notebook runs under papermill on the smoke profile, through the runner, and writes its contracts."""
+import base64
+import io
 import json
 
 import numpy as np
@@ -71,6 +73,15 @@ def test_notebook_01_writes_figures_tables_timings_provenance(smoke_run):
     executed = json.loads((out / "results/smoke/notebooks/01_intermediate_stage.ipynb").read_text())
     text = json.dumps(executed)
     assert "Verdict:" in text and "seed-mean curve is lowest at epoch" in text  # the computed verdict rendered
+    # each figure the notebook shows is the PNG file it wrote, at the size the inline backend would have drawn it
+    shown = [o for c in executed["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    files = {(out / "figures/smoke" / f"{stem}.png").read_bytes() for stem in (
+        "01_training_curves", "01_energy_fpr95_per_epoch", "01_energy_auroc_per_epoch",
+        "01_detectors_fpr95_per_epoch", "01_energy_figure1")}
+    assert {base64.b64decode(o["data"]["image/png"]) for o in shown} == files and len(shown) == len(files)
+    for o in shown:
+        with Image.open(io.BytesIO(base64.b64decode(o["data"]["image/png"]))) as im:
+            assert o["metadata"]["image/png"]["width"] == round(im.size[0] * 150 / 200)  # figure.dpi / savefig.dpi
 
 
 def test_notebook_04_compares_line_with_every_detector(smoke_run):

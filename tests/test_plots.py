@@ -73,3 +73,26 @@ def test_gallery_puts_each_image_in_its_row_and_column_and_names_the_wrong_predi
     grey = plots.gallery(images[:, :1], labels, preds, most, least, ["cat", "dog"]).axes[0].get_images()[0]
     first = grey.get_array()[rows[0]:rows[0] + h, cols[0]:cols[0] + w]
     assert (first == images[0, 0].numpy()[..., None]).all()
+
+
+def test_save_writes_pdf_and_png_and_in_a_notebook_shows_the_png(tmp_path, monkeypatch):
+    """In a script the figure stays open; under the inline backend it is shown as the PNG file, at the size the
+    inline backend would draw it (figure.dpi, not savefig.dpi), and closed."""
+    import matplotlib.pyplot as plt
+    import IPython.display
+
+    monkeypatch.setenv("OOD_FIGURES_DIR", str(tmp_path))
+    plots.style()
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [1, 0])
+    pdf, png = plots.save(fig, "p", "line")
+    assert pdf.read_bytes()[:5] == b"%PDF-" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plt.fignum_exists(fig.number)  # Agg: nothing shown, the figure is the caller's
+    shown = []
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    plots.save(fig, "p", "line")
+    assert len(shown) == 1 and shown[0].data == png.read_bytes()
+    width = int.from_bytes(png.read_bytes()[16:20], "big")
+    assert shown[0].width == round(width * 150 / 200) and 150 < shown[0].width < 400
+    assert not plt.fignum_exists(fig.number)
