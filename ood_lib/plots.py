@@ -28,7 +28,7 @@ def style() -> None:
 def save(fig, profile: str, name: str) -> list[Path]:
     """Write ``fig`` as PDF and PNG. In a notebook (matplotlib's inline backend) it is then shown as the PNG just
     written, at the size the inline backend would draw it, and closed: what the notebook (and its report) shows is
-    the file, and the figure is rendered twice instead of three times."""
+    the file, and the figure is drawn for the two files only, not a third time for the notebook."""
     out = figures_dir(profile)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
