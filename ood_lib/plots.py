@@ -157,7 +157,8 @@ def sensitivity_curves(sens: pd.DataFrame, setting: dict[str, float]):
 def detector_bars(table: pd.DataFrame, metric: str = "fpr95"):
     """Mean-over-OOD ``metric`` per detector (mean ± std over seeds), one bar group per model."""
     fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 2.4))
-    sns.barplot(data=table, x="detector", y=metric, hue="model", errorbar="sd", ax=ax, palette=PALETTE)
+    sns.barplot(data=table, x="detector", y=metric, hue="model", errorbar="sd", ax=ax,
+                palette=PALETTE[:table["model"].nunique()])
     ax.set(xlabel="", ylabel=METRIC_LABELS.get(metric, metric))
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
@@ -315,7 +316,7 @@ def model_bars(table: pd.DataFrame, metric: str = "fpr95", order: list[str] | No
     mean ± std over seeds; ``table`` has columns model, detector, seed and ``metric``."""
     fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 2.4))
     sns.barplot(data=table, x="detector", y=metric, hue="model", hue_order=order, errorbar="sd", ax=ax,
-                palette=PALETTE)
+                palette=PALETTE[:len(order or table["model"].unique())])
     ax.set(xlabel="", ylabel=METRIC_LABELS.get(metric, metric))
     ax.legend(fontsize=6, ncols=min(4, len(order or table["model"].unique())), loc="upper center",
               bbox_to_anchor=(0.5, -0.12), frameon=False)
@@ -354,7 +355,8 @@ def ablation_bars(abl: pd.DataFrame, parts: list[str]):
                                           axis=1), fpr95=100 * abl["fpr95"])
     order = list(dict.fromkeys(d.sort_values(parts, key=lambda c: c.astype(int))["parts"]))
     fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 2.3))
-    sns.barplot(data=d, x="parts", y="fpr95", hue="model", order=order, errorbar="sd", ax=ax, palette=PALETTE)
+    sns.barplot(data=d, x="parts", y="fpr95", hue="model", order=order, errorbar="sd", ax=ax,
+                palette=PALETTE[:d["model"].nunique()])
     ax.set(xlabel="parts of LINe switched on", ylabel=METRIC_LABELS["fpr95"], title="LINe ablation")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -96,3 +96,27 @@ def test_save_writes_pdf_and_png_and_in_a_notebook_shows_the_png(tmp_path, monke
     width = int.from_bytes(png.read_bytes()[16:20], "big")
     assert shown[0].width == round(width * 150 / 200) and 150 < shown[0].width < 400
     assert not plt.fignum_exists(fig.number)
+
+
+def test_bar_charts_colour_each_model_in_order_and_warn_nothing():
+    """detector_bars, model_bars and ablation_bars: one colour per model, the palette's first ones in hue order, and
+    no warning in the notebooks (a full palette for three models made seaborn warn in every executed notebook)."""
+    import warnings
+
+    import seaborn as sns
+    from matplotlib.colors import to_rgb
+
+    models = ["base", "um", "umap"]
+    table = pd.DataFrame([{"model": m, "detector": d, "seed": s, "fpr95": 10.0 * (i + 1) + j + s}
+                          for i, m in enumerate(models) for j, d in enumerate(["energy", "msp"]) for s in (0, 1)])
+    abl = pd.DataFrame([{"model": m, "seed": s, "clip (AC)": a, "weight pruning (WP)": w, "fpr95": 0.5}
+                        for m in models for s in (0, 1) for a in (False, True) for w in (False, True)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figs = [plots.detector_bars(table), plots.model_bars(table, order=["umap", "base", "um"]),
+                plots.ablation_bars(abl, ["clip (AC)", "weight pruning (WP)"])]
+    for fig, order in zip(figs, [models, ["umap", "base", "um"], models]):
+        legend = fig.axes[0].get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == order
+        got = [to_rgb(h.get_facecolor()) for h in legend.legend_handles]
+        assert np.allclose(got, [sns.desaturate(c, 0.75) for c in plots.PALETTE[:3]])  # barplot's saturation
