@@ -82,7 +82,7 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     """Sentences computed from the numbers: does an intermediate epoch beat the final one, honestly chosen,
     and is it a stable stage (the seed-mean curve is best before the end) or epoch-to-epoch volatility?
     A gain counts only beyond the seed spread of the final FPR95, so one seed gives no verdict. An epoch chosen on
-    OOD-val within the first fifth of training (``EARLY_FRACTION``) is the model still learning to classify, not
+    OOD-val within the first 20% of training (``EARLY_FRACTION``) is the model still learning to classify, not
     the paper's intermediate stage (a model that classifies well but has not yet memorised its atypical images):
     the text says so, and where it holds in every seed the verdict does too."""
     d = results[results["detector"] == detector]
@@ -119,8 +119,8 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     ]
     early = ep["ood_val"] <= EARLY_FRACTION * final_epoch
     if early.any():
-        parts.append(f"The OOD-val epoch lies in the first fifth of training in {int(early.sum())} of {n} seeds "
-                     f"(epochs {', '.join(str(int(e)) for e in ep['ood_val'][early])}, at "
+        parts.append(f"The OOD-val epoch lies in the first {EARLY_FRACTION:.0%} of training in {int(early.sum())} of "
+                     f"{n} seeds (epochs {', '.join(str(int(e)) for e in ep['ood_val'][early])}, at "
                      f"{acc['ood_val'][early].mean():.2f}% ID accuracy against {acc['final'][early].mean():.2f}% "
                      "at the final epoch).")
     spread = sd(r["final"])

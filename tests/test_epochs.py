@@ -66,18 +66,18 @@ def test_the_intermediate_stage_verdict_needs_a_seed_spread():
 
 
 def test_an_epoch_chosen_at_the_start_of_training_is_not_called_an_intermediate_stage():
-    """OOD-val picks epoch 2 of 10 in both seeds (the first fifth), when the model is still learning (ID accuracy
+    """OOD-val picks epoch 2 of 10 in both seeds (the first 20%), when the model is still learning (ID accuracy
     60% against 100% at the end): the gain is real and beyond the seed spread, but it is not the paper's stage."""
     tail = {3: 0.50, 4: 0.45, 5: 0.40, 6: 0.42, 7: 0.50, 8: 0.52, 9: 0.55, 10: 0.56}
     curves = {0: {1: 0.60, 2: 0.30, **tail}, 1: {1: 0.60, 2: 0.32, **tail, 10: 0.58}}
     two = _study(curves)
     text = epochs.verdict(two, epochs.selection_results(two, "energy"), "energy")
-    assert "The OOD-val epoch lies in the first fifth of training in 2 of 2 seeds (epochs 2, 2, at 60.00% ID " \
+    assert "The OOD-val epoch lies in the first 20% of training in 2 of 2 seeds (epochs 2, 2, at 60.00% ID " \
            "accuracy against 100.00% at the final epoch)." in text
     assert "Verdict: an epoch chosen on OOD-val beats the final one in every seed, but only at the start" in text
     assert "survives" not in text
 
     late = _study({s: {**c, 2: 0.62} for s, c in curves.items()})  # now epoch 5 (half-way) is the best
     text = epochs.verdict(late, epochs.selection_results(late, "energy"), "energy")
-    assert "first fifth" not in text and "only at the start" not in text
+    assert "first 20%" not in text and "only at the start" not in text
     assert "Verdict: the intermediate-stage effect shows, survives honest epoch selection, and is a stable" in text
