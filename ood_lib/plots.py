@@ -314,11 +314,12 @@ def roc_curves(id_scores: np.ndarray, ood: dict[str, np.ndarray], detector: str)
 def model_bars(table: pd.DataFrame, metric: str = "fpr95", order: list[str] | None = None):
     """Mean-over-OOD ``metric`` (%) per detector for several models (e.g. final, best intermediate, UM, UMAP),
     mean ± std over seeds; ``table`` has columns model, detector, seed and ``metric``."""
+    n_models = len(order or table["model"].unique())
     fig, ax = plt.subplots(figsize=(2 * COLUMN_WIDTH, 2.4))
     sns.barplot(data=table, x="detector", y=metric, hue="model", hue_order=order, errorbar="sd", ax=ax,
-                palette=PALETTE[:len(order or table["model"].unique())])
+                palette=PALETTE[:n_models])
     ax.set(xlabel="", ylabel=METRIC_LABELS.get(metric, metric))
-    ax.legend(fontsize=6, ncols=min(4, len(order or table["model"].unique())), loc="upper center",
+    ax.legend(fontsize=6, ncols=min(4, n_models), loc="upper center",
               bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     return fig
