@@ -12,7 +12,7 @@ import struct
 import sys
 import tarfile
 import types
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ import scipy.io
 from PIL import Image
 
 from ood_lib import paths
+from ood_lib.data import sources
 from ood_lib.data import (DATASETS, AnimalMnistPickles, CifarPickles, DatasetCorrupt, DatasetMissing, IdxFiles,
                           ImageArrays, ImageFolder, SvhnMat, TarImageFolder, TorchvisionDownload, array_checksum,
                           load_dataset)
@@ -404,6 +405,13 @@ def test_tar_with_unsafe_member_is_refused(env):
         tar.addfile(info, io.BytesIO(buf.getvalue()))
     with pytest.raises(DatasetCorrupt, match="unsafe"):
         spec_like("lsun", [DATASETS["lsun"].sources[1]], {"test": 1}).load("test")
+
+
+@pytest.mark.parametrize("name,folder", [("cifar10/test/cat/0.jpg", "cifar10/test"), ("cifar10/test2/cat/0.jpg",
+                         "cifar10/test"), ("cifar10/test", "cifar10/test"), ("LSUN/a.png", "."), ("a.png", "."),
+                         ("iSUN/iSUN_patches/a.jpeg", "iSUN"), ("x/iSUN/a.jpeg", "iSUN")])
+def test_a_tar_member_is_under_a_folder_exactly_when_pathlib_says_so(name, folder):
+    assert sources._under(PurePosixPath(name), PurePosixPath(folder)) == (PurePosixPath(folder) in PurePosixPath(name).parents)
 
 
 def test_labeled_image_folder_on_disk(env):

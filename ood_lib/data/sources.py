@@ -72,7 +72,8 @@ def decode_image(blob: bytes, origin: str) -> np.ndarray:
 
 
 def decode_images(blobs: list[bytes], names: list[str]) -> np.ndarray:
-    """Decode in this process: 60,000 CIFAR-size JPEGs take about 4 s on one core, so no pool is needed."""
+    """Decode in this process: 60,000 CIFAR-size JPEGs take 4-11 s on one core (11 s on a 2-core AMD EPYC), once:
+    the arrays are cached."""
     if not blobs:
         return np.zeros((0, IMAGE_SIZE[1], IMAGE_SIZE[0], 3), np.uint8)
     return np.stack([decode_image(b, n) for b, n in zip(blobs, names)])
@@ -302,6 +303,12 @@ class ImageFolder(Source):
         return decode_images(blobs, [str(place / f) for f in files]), y
 
 
+def _under(name: PurePosixPath, folder: PurePosixPath) -> bool:
+    """``folder in name.parents`` for relative paths, compared as strings (``parents`` took 1.6 s over the 60,000
+    members of the CIFAR-10 archive)."""
+    return str(folder) == "." or str(name).startswith(f"{folder}/")
+
+
 @dataclass(frozen=True)
 class TarImageFolder(Source):
     """A `.tar.gz` of an ImageFolder root, read member by member with tarfile (nothing is extracted).
@@ -330,12 +337,12 @@ class TarImageFolder(Source):
                     if name.is_absolute() or ".." in name.parts:
                         raise DatasetCorrupt(f"{place}: unsafe member name {m.name!r}")
                     if m.isfile() and name.suffix.lower() in IMAGE_SUFFIXES and any(
-                            p in name.parents for p in prefixes):
+                            _under(name, p) for p in prefixes):
                         members[name] = tar.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DatasetCorrupt(f"{place}: unreadable archive ({e})") from e
         for prefix in prefixes:
-            inside = [n.relative_to(prefix) for n in members if prefix in n.parents]
+            inside = [n.relative_to(prefix) for n in members if _under(n, prefix)]
             if inside:
                 files, y = image_folder_order(inside, self.labeled)
                 names = [f"{place}:{prefix / f}" for f in files]
