@@ -74,18 +74,26 @@ def preflight(profile, data: bool = True, stages: list[str] | None = None, allow
         raise RunError("\n".join(missing) + "\nNothing was run.")
 
 
-def check_cpu_bf16(profile) -> None:
-    """A profile that trains in bf16 autocast on the CPU (``train.cpu_bf16``: cifar10-cpu) is refused on a CPU
-    without native bf16 kernels (``train.native_cpu_bf16``): emulated, it runs about ten times slower than float32,
-    so a shard sized on the recipe's machines would take days; and its weights need not be those the committed
-    bundles recorded."""
+def emulated_bf16_cpu(profile) -> str | None:
+    """This CPU, e.g. "AMD EPYC, AVX2", where ``profile`` would train in bf16 autocast on it without native bf16
+    kernels (``train.native_cpu_bf16``); else None."""
     device = resolve_device(profile.device)
     if device.type != "cpu" or training_precision(profile.train, device) != "bf16-autocast" or native_cpu_bf16():
+        return None
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def check_cpu_bf16(profile) -> None:
+    """A profile that trains in bf16 autocast on the CPU (``train.cpu_bf16``: cifar10-cpu) is refused on a CPU
+    without native bf16 kernels: emulated, it runs about ten times slower than float32, so a shard sized on the
+    recipe's machines would take days; and its weights need not be those the committed bundles recorded."""
+    cpu = emulated_bf16_cpu(profile)
+    if cpu is None:
         return
     raise RunError(
-        f"profile {profile.name!r} trains in bf16 autocast on the CPU (train.cpu_bf16), but this CPU ({cpu_model()}, "
-        f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16 kernels: PyTorch emulates them, about ten "
-        "times slower than float32 (cifar10-cpu's net on an AVX2 AMD EPYC, 2 threads: 8 against 74 images/s), and "
+        f"profile {profile.name!r} trains in bf16 autocast on the CPU (train.cpu_bf16), but this CPU ({cpu}) has no "
+        "native bf16 kernels: PyTorch emulates them, about ten times slower than float32 (cifar10-cpu's net on an "
+        "AVX2 AMD EPYC, 2 threads: 8 against 74 images/s), and "
         "the weights need not match those trained where the kernels are native (a re-trained base is checked "
         "against its recorded digest). Nothing was run. Run it on a CPU with AVX-512 or AMX (the recipe was sized "
         "on an avx512_bf16 Xeon), or train in float32 with --set train.cpu_bf16=false (another recipe: its stages "

@@ -51,7 +51,8 @@ from pathlib import Path
 from ood_lib import plan
 from ood_lib import stages as stages_mod
 from ood_lib.config import ProfileError, available_profiles, parse_override
-from ood_lib.execute import RunError, explain_os_error, preflight, run, run_next_shards, run_shards
+from ood_lib.execute import (RunError, emulated_bf16_cpu, explain_os_error, preflight, run, run_next_shards,
+                             run_shards)
 from ood_lib.paths import results_dir
 from ood_lib.train import resolve_device
 
@@ -215,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = args.bundle_dir or results_dir(profile.name) / "bundles"  # where the shard commands put them
             done = plan.Done.read(profile, folder)
             cpu = resolve_device(profile.device).type == "cpu"
-            print("\n".join(plan.report(done, args.bundle_dir, args.device_minutes, args.machine_minutes, cpu)))
+            lines = plan.report(done, args.bundle_dir, args.device_minutes, args.machine_minutes, cpu)
+            emulated = emulated_bf16_cpu(profile) if args.machine_minutes is not None else None
+            if emulated:
+                lines.append(f"# NOT on this CPU ({emulated}): it has no native bf16 kernels and {profile.name} "
+                             "trains in bf16 autocast, so each of these commands stops at once here; run them on a "
+                             "CPU with AVX-512 or AMX")
+            print("\n".join(lines))
             return 0
         todo = _list(args.stages)
         if args.next_shards is not None:  # the checkpoints of the stages still to run, not of every stage

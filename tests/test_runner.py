@@ -208,9 +208,13 @@ def test_bf16_training_on_a_cpu_without_native_bf16_is_refused_before_any_work(m
     assert "no native bf16 kernels" in err and "Nothing was run." in err
     assert "--set train.cpu_bf16=false" in err and "--allow-emulated-bf16" in err
     assert calls == []
+    plan_argv = ["--profile", "cifar10-cpu", "--plan", "--machine-minutes", "170"]
+    assert reproduce.main(plan_argv) == 0  # this machine's plan says at its end that it cannot run it here
+    assert capsys.readouterr().out.splitlines()[-1].startswith("# NOT on this CPU (")
     assert reproduce.main([*argv, "--allow-emulated-bf16"]) == 0 and len(calls) == 1  # the way out, as said
     assert reproduce.main([*argv, "--set", "train.cpu_bf16=false"]) == 0 and len(calls) == 2  # float32
     execute.check_cpu_bf16(load_profile("default"))  # float32 on the CPU: nothing to refuse
     execute.preflight(load_profile("cifar10-cpu"), data=False)  # a merge trains nothing: not asked
     monkeypatch.setattr(execute, "native_cpu_bf16", lambda: True)
     execute.check_cpu_bf16(load_profile("cifar10-cpu"))
+    assert reproduce.main(plan_argv) == 0 and "NOT on this CPU" not in capsys.readouterr().out
