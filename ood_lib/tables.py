@@ -112,6 +112,12 @@ for _name, (_method, _confidence, _fpr, _auroc) in LINE_VALUES.items():
                                                   std=None, status=f"recollection, confidence {_confidence}")
 
 
+def words(names) -> str:
+    """A list in a sentence: 'A', 'A and B', 'A, B and C'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _names(sets) -> str:
     return ", ".join(DATASET_LABELS.get(s, s) for s in sets)
 

@@ -77,6 +77,13 @@ def test_an_epoch_chosen_at_the_start_of_training_is_not_called_an_intermediate_
     assert "Verdict: an epoch chosen on OOD-val beats the final one in every seed, but only at the start" in text
     assert "survives" not in text
 
+    # one seed picks epoch 5, but the seed-mean curve is still lowest at epoch 2: not a stable stage either
+    mixed = _study({0: {1: 0.60, 2: 0.20, **tail}, 1: {1: 0.60, 2: 0.34, **tail, 5: 0.30, 10: 0.58}})
+    text = epochs.verdict(mixed, epochs.selection_results(mixed, "energy"), "energy")
+    assert "in the first 20% of training in 1 of 2 seeds" in text and "stable stage" not in text
+    assert "Verdict: an honestly chosen epoch beats the final one in every seed, but the seed-mean curve is lowest " \
+           "at the start of training (epoch 2 of 10)" in text
+
     late = _study({s: {**c, 2: 0.62} for s, c in curves.items()})  # now epoch 5 (half-way) is the best
     text = epochs.verdict(late, epochs.selection_results(late, "energy"), "energy")
     assert "first 20%" not in text and "only at the start" not in text

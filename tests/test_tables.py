@@ -275,3 +275,7 @@ def test_paper_caption_lists_the_known_differences():
         assert part in text, part
     assert summarize(rows()).paper_caption() == ""
     assert "OE fine-tunes" in tables.paper_caption([PAPER_VALUES[("um_readme:oe", "fpr95")]], ["mnist"])
+
+
+def test_words_joins_a_list_as_a_sentence_does():
+    assert [tables.words(x) for x in (["a"], ["a", "b"], ("a", "b", "c"))] == ["a", "a and b", "a, b and c"]
