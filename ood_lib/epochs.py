@@ -107,8 +107,8 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     curve = m[(m["split"] == "test") & (m["detector"] == detector) & (m["metric"] == "fpr95")]
     curve = curve.groupby("epoch")["value"].mean() * 100
     parts = [
-        f"With {detector}, the oracle-best epoch comes before the last in {intermediate} of {n} seeds (epochs "
-        f"{', '.join(str(int(e)) for e in ep['oracle'])} of {final_epoch}); it lowers the mean FPR95 from "
+        f"With {detector}, the oracle-best epoch comes before the last in {intermediate} of {n} seeds "
+        f"({_epochs(ep['oracle'])} of {final_epoch}); it lowers the mean FPR95 from "
         f"{r['final'].mean():.2f}% at the final epoch to {r['oracle'].mean():.2f}% (a gain of "
         f"{gain_oracle.mean():.2f}{pm(gain_oracle)} points, chosen on test OOD data).",
         f"Chosen on the held-out OOD-val halves, the epoch reaches {r['ood_val'].mean():.2f}% (gain "
@@ -121,7 +121,7 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     early = ep["ood_val"] <= EARLY_FRACTION * final_epoch
     if early.any():
         parts.append(f"The OOD-val epoch lies in the first {EARLY_FRACTION:.0%} of training in {int(early.sum())} of "
-                     f"{n} seeds (epochs {', '.join(str(int(e)) for e in ep['ood_val'][early])}, at "
+                     f"{n} seeds ({_epochs(ep['ood_val'][early])}, at "
                      f"{acc['ood_val'][early].mean():.2f}% ID accuracy against {acc['final'][early].mean():.2f}% "
                      "at the final epoch).")
     spread = sd(r["final"])
@@ -154,6 +154,11 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
         parts.append("Verdict: the intermediate-stage effect does not show clearly here "
                      f"(seed spread of the final FPR95: {spread:.2f} points).")
     return " ".join(parts)
+
+
+def _epochs(values) -> str:
+    """'epoch 6' or 'epochs 6, 8'."""
+    return ("epoch " if len(values) == 1 else "epochs ") + ", ".join(str(int(e)) for e in values)
 
 
 def best_epoch_of_mean(rows: pd.DataFrame, detector: str, metric: str = "fpr95") -> int:

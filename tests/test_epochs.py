@@ -80,7 +80,7 @@ def test_an_epoch_chosen_at_the_start_of_training_is_not_called_an_intermediate_
     # one seed picks epoch 5, but the seed-mean curve is still lowest at epoch 2: not a stable stage either
     mixed = _study({0: {1: 0.60, 2: 0.20, **tail}, 1: {1: 0.60, 2: 0.34, **tail, 5: 0.30, 10: 0.58}})
     text = epochs.verdict(mixed, epochs.selection_results(mixed, "energy"), "energy")
-    assert "in the first 20% of training in 1 of 2 seeds" in text and "stable stage" not in text
+    assert "in the first 20% of training in 1 of 2 seeds (epoch 2, at" in text and "stable stage" not in text
     assert "Verdict: an honestly chosen epoch beats the final one in every seed, but the seed-mean curve is lowest " \
            "at the start of training (epoch 2 of 10)" in text
 
