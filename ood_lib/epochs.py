@@ -129,9 +129,11 @@ def verdict(rows: pd.DataFrame, results: pd.DataFrame, detector: str) -> str:
     drop = curve.loc[final_epoch] - curve.loc[best_mean]
     stable = not mean_early and best_mean <= 0.8 * final_epoch and drop > spread
     if n < 2:  # a seed spread of 0.00 would turn any difference into a verdict
+        g = gain_val.mean()
         parts.append("Verdict: undecided with one seed, which has no seed spread to judge these gains by; in this "
-                     f"seed the epoch chosen on OOD-val is {abs(gain_val.mean()):.2f} points "
-                     f"{'better' if gain_val.mean() > 0 else 'worse'} than the final one.")
+                     "seed the epoch chosen on OOD-val is "
+                     + (f"{abs(g):.2f} points {'better' if g > 0 else 'worse'} than" if round(g, 2) else "as good as")
+                     + " the final one.")
     elif val_better == n and gain_val.mean() > spread and early.all():
         parts.append("Verdict: an epoch chosen on OOD-val beats the final one in every seed, but only at the start "
                      "of training, while the model is still learning to classify: that is not the paper's "

@@ -63,6 +63,9 @@ def test_the_intermediate_stage_verdict_needs_a_seed_spread():
     assert "Verdict: undecided with one seed" in text and "is 25.00 points better than the final one" in text
     assert "(gain 25.00 points; better than final in 1 of 1 seeds)" in text and "±" not in text
     assert "survives" not in text
+    flat = _study({0: {1: 0.60, 2: 0.40, 3: 0.30}})  # OOD-val picks the final epoch itself
+    text = epochs.verdict(flat, epochs.selection_results(flat, "energy"), "energy")
+    assert "the epoch chosen on OOD-val is as good as the final one." in text
 
 
 def test_an_epoch_chosen_at_the_start_of_training_is_not_called_an_intermediate_stage():
