@@ -180,7 +180,7 @@ def _notebook_06_reads_the_merged_paper_stages(merged: Path, profile) -> None:
     ours = pd.read_csv(merged / "results/cifar10/06_gamma.csv")
     assert (hist[hist.model == "paper_um_ours"].gamma == ours["used"].iloc[0]).all() and ours["used"].iloc[0] > 0
     text = (merged / "results/cifar10/notebooks/06_paper_checkpoint.ipynb").read_text()
-    assert "The README's relative drop is 22.0%" in text
+    assert "The README's relative change is -22.0%" in text
 
 
 def test_the_authors_checkpoint_is_fine_tuned_for_its_seeds_only():
