@@ -93,11 +93,11 @@ def check_cpu_bf16(profile) -> None:
     raise RunError(
         f"profile {profile.name!r} trains in bf16 autocast on the CPU (train.cpu_bf16), but this CPU ({cpu}) has no "
         "native bf16 kernels: PyTorch emulates them, about ten times slower than float32 (cifar10-cpu's net on an "
-        "AVX2 AMD EPYC, 2 threads: 8 against 74 images/s), and "
-        "the weights need not match those trained where the kernels are native (a re-trained base is checked "
-        "against its recorded digest). Nothing was run. Run it on a CPU with AVX-512 or AMX (the recipe was sized "
-        "on an avx512_bf16 Xeon), or train in float32 with --set train.cpu_bf16=false (another recipe: its stages "
-        "get another profile digest and do not merge with the bf16 ones), or pass --allow-emulated-bf16 to go on.")
+        "AVX2 AMD EPYC, 2 threads: 8 against 74 images/s), and the weights need not match those trained where the "
+        "kernels are native (a re-trained base is checked against its recorded digest). Nothing was run. Run it on "
+        "a CPU with AVX-512 or AMX (the recipe was sized on an avx512_bf16 Xeon), or train in float32 with --set "
+        "train.cpu_bf16=false (another recipe: its stages get another profile digest and do not merge with the bf16 "
+        "ones), or pass --allow-emulated-bf16 to go on.")
 
 
 def explain_os_error(errno_: int | None, path: str | None, what: str) -> str | None:
