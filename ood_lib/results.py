@@ -240,11 +240,14 @@ def read_metrics(profile: str) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ timings
 def device_name(device: torch.device | str) -> str:
     """The GPU's name, or on the CPU its model, the instruction set of PyTorch's kernels (" bf16" where oneDNN has
-    bf16 kernels: ``train.native_cpu_bf16``) and the thread count, e.g. "cpu (AMD EPYC, AVX2, 2 threads)"."""
+    bf16 kernels: ``train.native_cpu_bf16``; " bf16+AMX" where the CPU has AMX-bf16 too: ``cpu_bf16_units``) and the
+    thread count, e.g. "cpu (AMD EPYC, AVX2, 2 threads)", "cpu (Intel Xeon, AVX512 bf16+AMX, 2 threads)"."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    kernels = torch.backends.cpu.get_cpu_capability() + (" bf16" if native_cpu_bf16() else "")
+    kernels = torch.backends.cpu.get_cpu_capability()
+    if native_cpu_bf16():
+        kernels += " bf16+AMX" if "amx_bf16" in cpu_bf16_units() else " bf16"
     return f"cpu ({cpu_model()}, {kernels}, {torch.get_num_threads()} threads)"
 
 
@@ -339,6 +342,32 @@ MATH_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATEN_
             "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CUBLAS_WORKSPACE_CONFIG")
 
 
+# The CPU's bf16 units, either of which oneDNN's bf16 kernels may use. cpu_capability does not tell them apart ("AVX512"
+# on both), but the arithmetic differs: cifar10-cpu's seed 1 trained to other base weights on a Xeon with AMX than on
+# one with avx512_bf16 only (same code, torch, oneDNN and threads; 2026-12-05).
+BF16_UNITS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_units(cpuinfo: str | None = None) -> list[str]:
+    """Which of ``BF16_UNITS`` this CPU has: from ``torch.cpu.get_capabilities`` where PyTorch has it, else from the
+    flags of /proc/cpuinfo (``cpuinfo`` is its text: read when None), else []."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if cpuinfo is None and get is not None:
+        try:
+            caps = get()
+            return [u for u in BF16_UNITS if caps.get(u)]
+        except RuntimeError:
+            pass
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return []
+    flags = next((set(line.partition(":")[2].split()) for line in cpuinfo.splitlines()
+                  if line.partition(":")[0].strip() == "flags"), set())
+    return [u for u in BF16_UNITS if u in flags]
+
+
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The processor's model name: the first "model name" of /proc/cpuinfo on Linux (or "cpu model", "Hardware",
     "Model", "cpu" where the architecture names it so), else ``platform.processor()``, else the machine type.
@@ -387,7 +416,7 @@ def parse_torch_config(text: str) -> dict:
 
 def machine_info() -> dict:
     """What CPU results depend on beyond the code and the data: the processor, the instruction set of PyTorch's
-    vectorised kernels, the math libraries (BLAS/LAPACK, MKL, oneDNN) and the thread counts."""
+    vectorised kernels and the CPU's bf16 units, the math libraries (BLAS/LAPACK, MKL, oneDNN) and the thread counts."""
     info = {
         "processor": cpu_model(),
         "machine": platform.machine(),
@@ -396,6 +425,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": native_cpu_bf16(),
+        "cpu_bf16_units": cpu_bf16_units(),
         "mkl_available": torch.backends.mkl.is_available(),
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "openmp_available": torch.backends.openmp.is_available(),

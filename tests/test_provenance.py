@@ -54,6 +54,15 @@ def test_cpu_model_from_cpuinfo():
         platform.processor() or platform.machine() or "unknown")
 
 
+def test_cpu_bf16_units_from_cpuinfo():
+    """The two Xeons of the study machines (both "AVX512" to PyTorch) and the AMD EPYC without bf16."""
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    assert results.cpu_bf16_units(amx * 2) == ["avx512_bf16", "amx_bf16"]
+    assert results.cpu_bf16_units("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n") == ["avx512_bf16"]
+    assert results.cpu_bf16_units("flags\t\t: fpu avx2 fma\n") == []
+    assert results.cpu_bf16_units("processor\t: 0\nCPU implementer\t: 0x41\n") == []  # aarch64: no flags line
+
+
 def test_machine_info_here():
     m = results.machine_info()
     assert m["cpu_capability"] in results.CPU_CAPABILITIES, m["cpu_capability"]
@@ -74,9 +83,11 @@ def test_machine_info_here():
             assert m["native_bf16"] is True
         if not any(f.startswith("avx512") or f.startswith("amx") for f in flags):
             assert m["native_bf16"] is False
+    assert set(m["cpu_bf16_units"]) <= set(results.BF16_UNITS), m["cpu_bf16_units"]
+    units = " bf16+AMX" if "amx_bf16" in m["cpu_bf16_units"] else " bf16"
     name = results.device_name("cpu")
     assert name.startswith(f"cpu ({m['processor']}, {m['cpu_capability']}") and name.endswith(
-        f"{' bf16' * m['native_bf16']}, {torch.get_num_threads()} threads)"), name
+        f"{units * m['native_bf16']}, {torch.get_num_threads()} threads)"), name
     assert m["mkl_available"] == torch.backends.mkl.is_available()
     assert m["blas"] and m["math_library"].startswith(f"BLAS {m['blas']}")
     if m["mkl_available"]:
