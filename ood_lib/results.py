@@ -344,7 +344,7 @@ MATH_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATEN_
 
 # The CPU's bf16 units, either of which oneDNN's bf16 kernels may use. cpu_capability does not tell them apart ("AVX512"
 # on both), but the arithmetic differs: cifar10-cpu's seed 1 trained to other base weights on a Xeon with AMX than on
-# one with avx512_bf16 only (same code, torch, oneDNN and threads; 2026-12-05).
+# one with avx512_bf16 only (same code, torch, oneDNN and threads; 2026-12-06).
 BF16_UNITS = ("avx512_bf16", "amx_bf16")
 
 
