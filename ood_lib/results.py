@@ -342,6 +342,14 @@ MATH_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATEN_
             "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CUBLAS_WORKSPACE_CONFIG")
 
 
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo ("" where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 # The CPU's bf16 units, either of which oneDNN's bf16 kernels may use. cpu_capability does not tell them apart ("AVX512"
 # on both), but the arithmetic differs: cifar10-cpu's seed 1 trained to other base weights on a Xeon with AMX than on
 # one with avx512_bf16 only (same code, torch, oneDNN and threads; 2026-12-06).
@@ -359,10 +367,7 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> list[str]:
         except RuntimeError:
             pass
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return []
+        cpuinfo = read_cpuinfo()
     flags = next((set(line.partition(":")[2].split()) for line in cpuinfo.splitlines()
                   if line.partition(":")[0].strip() == "flags"), set())
     return [u for u in BF16_UNITS if u in flags]
@@ -373,10 +378,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     "Model", "cpu" where the architecture names it so), else ``platform.processor()``, else the machine type.
     ``cpuinfo`` is the text of /proc/cpuinfo (read when None)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = read_cpuinfo()
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
