@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ood_lib import base, masking
 from ood_lib.config import Profile, UMConfig
 from ood_lib.paths import cache_dir
-from ood_lib.train import as_channels_last, channels_last_eval, recorded_digests, train
+from ood_lib.train import as_channels_last, evaluation, recorded_digests, train
 
 ARMS = {"no_atypical": "without the top-k atypical", "no_atypical_per_class": "without the top-k atypical, per class",
         "no_random": "without k random"}  # model names in metrics.csv
@@ -43,7 +43,7 @@ def arms(u: UMConfig) -> list[str]:
 @torch.no_grad()
 def _log_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
     model.eval().to(device)
-    with channels_last_eval(model):
+    with evaluation(model):
         out = [F.log_softmax(model(as_channels_last(images[i:i + batch_size].to(device).float().div_(255))).double(),
                              1).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)

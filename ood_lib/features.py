@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ood_lib import ash, detectors, progress
 from ood_lib.atomic import atomic_write
 from ood_lib.progress import note_work
-from ood_lib.train import as_channels_last, channels_last_eval
+from ood_lib.train import as_channels_last, evaluation
 
 # ITU-R BT.601 luma weights, for colour images fed to a grayscale model.
 LUMA = (0.299, 0.587, 0.114)
@@ -154,21 +154,27 @@ def read_entry(path: Path) -> dict[str, np.ndarray]:
 EVAL_PRECISION = "fp32"
 
 
+def eval_precision(device: torch.device) -> str:
+    """What an evaluation pass (``train.evaluation``) computes in on ``device``, as cache keys and manifests name
+    it: "fp32" on the CPU, "fp32, no TF32" on other devices. The second sets GPU outputs apart from those of earlier
+    code, which left cuDNN's default TF32 convolutions on (the H200 bundles of cifar10 seed 0, 2026-12-04)."""
+    return EVAL_PRECISION if torch.device(device).type == "cpu" else f"{EVAL_PRECISION}, no TF32"
+
+
 @torch.no_grad()
 def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
             batch_size: int = 1000, with_features: bool = True) -> dict[str, np.ndarray]:
     """Logits and (unless ``with_features`` is False) penultimate features, float32 and computed in float32 on
     every device, of uint8 images (N, C, H, W); model in eval mode, channels-last for the pass
-    (``train.channels_last_eval``). The logits are the same bits either way."""
+    (``train.evaluation``). The logits are the same bits either way."""
     model.eval().to(device)
     logits, feats = [], []
-    with channels_last_eval(model), progress.Bar(-(-images.shape[0] // batch_size), "extract", unit="batch",
+    with evaluation(model), progress.Bar(-(-images.shape[0] // batch_size), "extract", unit="batch",
                                             leave=False) as bar:
         for start in range(0, images.shape[0], batch_size):
             x = as_channels_last(images[start:start + batch_size].to(device, non_blocking=True).float().div_(255))
-            with torch.autocast(device_type=device.type, enabled=False):
-                f = model.features(x)
-                z = model.fc(f)
+            f = model.features(x)
+            z = model.fc(f)
             logits.append(z.float().cpu())
             if with_features:
                 feats.append(f.float().cpu())
@@ -192,7 +198,7 @@ def pass_key(what: str, model: torch.nn.Module, digest: str, checksum: str, pre:
     """The cache key of one evaluation pass: what it stores, the weights, the input normalisation, the source data,
     the preprocessing, and the precision, device type and layout it was computed in (plus ``extra`` settings)."""
     return {"what": what, "weights": digest, "norm": input_key(model), "data": checksum, "pre": pre.key(), **extra,
-            "precision": EVAL_PRECISION, "device": device.type, "layout": "channels_last"}
+            "precision": eval_precision(device), "device": device.type, "layout": "channels_last"}
 
 
 def outputs(cache: FeatureCache, model: torch.nn.Module, digest: str, images: torch.Tensor, checksum: str,
@@ -236,7 +242,7 @@ def odin_scores(cache: FeatureCache, model: torch.nn.Module, digest: str, images
         model.eval().to(device)
         x = as_channels_last(images.float().div_(255))
         chunks = range(0, len(x), batch_size)
-        with channels_last_eval(model), progress.Bar(len(chunks), "ODIN", unit="batch", leave=False) as bar:
+        with evaluation(model), progress.Bar(len(chunks), "ODIN", unit="batch", leave=False) as bar:
             scores = []
             for i in chunks:
                 scores.append(detectors.odin(model, x[i:i + batch_size], temperature, epsilon, batch_size))
@@ -263,7 +269,7 @@ def ash_score_table(cache: FeatureCache, model: torch.nn.Module, digest: str, im
     missing = [cfg for cfg in configs if not cache.path(parts[cfg]).exists()]
 
     def table(pairs):
-        with channels_last_eval(model):
+        with evaluation(model):
             return ash.energy_table(model, images, device, pairs, site, batch_size)
 
     if missing:

@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 
 from ood_lib.atomic import atomic_write, clean_stale_tmp
-from ood_lib.features import EVAL_PRECISION
+from ood_lib.features import eval_precision
 from ood_lib.paths import PROJECT_ROOT, results_dir
 from ood_lib.progress import WORK
 from ood_lib.train import native_cpu_bf16, training_kernels, training_precision
@@ -466,7 +466,7 @@ def read_provenance(path: Path) -> dict:
 def precision(profile, device) -> dict:
     """What training and evaluation of ``profile`` run in on ``device`` (provenance and shard manifests)."""
     device = torch.device(device)
-    return {"training": training_precision(profile.train, device), "evaluation": EVAL_PRECISION,
+    return {"training": training_precision(profile.train, device), "evaluation": eval_precision(device),
             "training_kernels": training_kernels(device)}
 
 

@@ -163,18 +163,48 @@ def training_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16-autocast" if fast_paths(device, cfg.bf16, False, cfg.cpu_bf16)[0] else "fp32"
 
 
+# The float32 backends of convolutions and matmuls that may trade precision for speed: cuDNN's convolutions default
+# to TF32 (10 mantissa bits) on Ampere and later GPUs, and PyTorch can be told to run float32 matmuls in TF32 or, on
+# oneDNN CPUs, in bf16. An evaluation pass pins them all to IEEE float32 (PyTorch >= 2.9 names them this way).
+FP32_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+
+
+def _backend(name: str):
+    """``torch.backends.<name>`` where it has an ``fp32_precision`` switch, else None."""
+    obj = torch.backends
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return obj if hasattr(obj, "fp32_precision") else None
+
+
 @contextlib.contextmanager
-def channels_last_eval(model: torch.nn.Module):
-    """``model`` in channels-last memory format for the duration of an evaluation pass, then back in the layout it
-    had (training has its own switch, ``TrainConfig.channels_last``). Float32 either way, the same values to rounding;
-    on 2 CPU cores the study's per-epoch scoring ran about 10% faster in it (42 s against 47 s per 30-epoch run)."""
+def evaluation(model: torch.nn.Module):
+    """An evaluation pass of ``model`` in the study's one convention: float32 with IEEE arithmetic on every device
+    (no autocast, even inside an enclosing one; no TF32 or implicit bf16 for float32 convolutions and matmuls,
+    ``FP32_BACKENDS``), and channels-last memory format. The model and the backends are put back as they were
+    afterwards, also when the pass fails. Training has its own switches (``TrainConfig.bf16``, ``.channels_last``).
+    Channels-last gives the same values to rounding; on 2 CPU cores the study's per-epoch scoring ran about 10%
+    faster in it (42 s against 47 s per 30-epoch run)."""
     # a conv weight whose two layouts differ (more than one input channel and a spatial kernel) tells which one it has
     convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
     was = bool(convs) and not convs[0].is_contiguous()
+    device_type = next(model.parameters()).device.type
+    backends = [b for b in map(_backend, FP32_BACKENDS) if b is not None]
+    before = [b.fp32_precision for b in backends]
+    legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if not backends else None
     model.to(memory_format=torch.channels_last)
     try:
-        yield model
+        for b in backends:
+            b.fp32_precision = "ieee"
+        if legacy is not None:  # PyTorch before 2.9
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield model
     finally:
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
+        if legacy is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy
         if not was:
             model.to(memory_format=torch.contiguous_format)
 

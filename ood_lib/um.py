@@ -41,7 +41,7 @@ from ood_lib.atomic import atomic_write
 from ood_lib.config import Profile, TrainConfig
 from ood_lib.models import load_pretrained, weights_digest
 from ood_lib.paths import cache_dir
-from ood_lib.train import as_channels_last, augment, channels_last_eval, load_epoch, recorded_digests, train
+from ood_lib.train import as_channels_last, augment, evaluation, load_epoch, recorded_digests, train
 
 
 def flood(loss: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -52,12 +52,12 @@ def flood(loss: torch.Tensor, gamma: float) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
               batch_size: int, aug: TrainConfig | None = None, seed: int = 0) -> float:
-    """Mean cross-entropy over uint8 ``images`` in eval mode (channels-last, ``train.channels_last_eval``); with
+    """Mean cross-entropy over uint8 ``images`` in eval mode (channels-last, ``train.evaluation``); with
     ``aug``, its crop/flip (seeded by ``seed``)."""
     model.eval().to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
-    with channels_last_eval(model):
+    with evaluation(model):
         for first in range(0, len(labels), batch_size):
             x = images[first:first + batch_size].to(device).float().div_(255)
             if aug is not None:

@@ -227,6 +227,86 @@ def test_extraction_is_float32_on_the_gpu_paths_and_inside_an_autocast(monkeypat
     assert abs(rounded.float().numpy() - plain["logits"].numpy()).max() > 1e-4  # bf16 would have shown
 
 
+def _fp32_switches():
+    from ood_lib.train import FP32_BACKENDS, _backend
+    return {n: _backend(n).fp32_precision for n in FP32_BACKENDS}
+
+
+def test_every_evaluation_pass_runs_in_ieee_float32_and_puts_the_switches_back(tmp_path):
+    """Issue 18: cuDNN's convolutions default to TF32 on a GPU and PyTorch can be told to compute float32 matmuls in
+    TF32 or bf16, so "fp32" evaluation needs more than autocast off. Every evaluation path of the library (extract,
+    ODIN, ASH, the atypicality log-probabilities, UM's loss) runs its forward passes with every switch of
+    FP32_BACKENDS at "ieee", with autocast off inside an enclosing bf16 autocast, channels-last; afterwards the
+    switches, the autocast and the model's layout are as they were, also when a pass fails."""
+    from ood_lib import atypical, features, um
+    from ood_lib.train import FP32_BACKENDS, _backend, evaluation
+
+    assert set(_fp32_switches()) == set(FP32_BACKENDS)  # this PyTorch has every switch (>= 2.9)
+    x, y = _data(n=24)
+    model = _model().eval()
+    seen = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # every path runs it
+    first_conv.register_forward_hook(lambda m, i, o: seen.append(
+        (_fp32_switches(), torch.is_autocast_enabled("cpu"), i[0].is_contiguous(memory_format=torch.channels_last))))
+    original = _fp32_switches()
+    fast = {"cuda.matmul": "tf32", "cudnn.conv": "tf32", "cudnn.rnn": "tf32", "mkldnn.matmul": "bf16",
+            "mkldnn.conv": "bf16", "mkldnn.rnn": "bf16"}
+    cpu, pre = torch.device("cpu"), features.Preprocess(size=12, channels=1)
+    cache = features.FeatureCache(tmp_path)
+    try:
+        for name, value in fast.items():
+            _backend(name).fp32_precision = value
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            passes = [lambda: features.extract(model, x, cpu, batch_size=8),
+                      lambda: features.odin_scores(cache, model, "w", x, "d", pre, cpu, 1000.0, 0.001),
+                      lambda: features.ash_score_table(cache, model, "w", x, "d", pre, cpu, [("ash_p", 90.0)]),
+                      lambda: atypical._log_probs(model, x, cpu, 8),
+                      lambda: um.mean_loss(model, x, y, cpu, 8)]
+            for run in passes:
+                n = len(seen)
+                run()
+                assert len(seen) > n  # this path ran forward passes
+            assert torch.is_autocast_enabled("cpu")
+        assert _fp32_switches() == fast
+        with pytest.raises(ZeroDivisionError):
+            with evaluation(model):
+                1 / 0
+        assert _fp32_switches() == fast
+    finally:
+        for name, value in original.items():
+            _backend(name).fp32_precision = value
+    assert all(sw == dict.fromkeys(FP32_BACKENDS, "ieee") and not amp and cl for sw, amp, cl in seen)
+    assert next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1).is_contiguous()
+
+
+def test_cache_keys_name_the_precision_and_device_type_actually_used():
+    """Issue 18: an evaluation entry's key names what it was computed in, never what a profile asked for: "fp32"
+    on the CPU, "fp32, no TF32" on CUDA (earlier code left TF32 convolutions on there, under a key saying
+    "fp32"), and the device type; the training precision (bf16 or not) is not part of it, because evaluation is
+    float32 either way. So a CPU entry and a CUDA entry never share a file, and the CPU keys are those of the
+    caches already on disk."""
+    from ood_lib import results
+    from ood_lib.config import load_profile
+    from ood_lib.features import FeatureCache, Preprocess, input_key, pass_key
+
+    model, pre = _model(), Preprocess(size=12, channels=1)
+    key = {d: pass_key("logits", model, "w", "d", pre, torch.device(d)) for d in ("cpu", "cuda")}
+    assert key["cpu"]["precision"] == "fp32" and key["cpu"]["device"] == "cpu"
+    assert key["cuda"]["precision"] == "fp32, no TF32" and key["cuda"]["device"] == "cuda"
+    assert FeatureCache.key(key["cpu"]) != FeatureCache.key(key["cuda"])
+    assert {k: v for k, v in key["cpu"].items() if k not in ("precision", "device")} == \
+        {k: v for k, v in key["cuda"].items() if k not in ("precision", "device")}
+    # the CPU key as it was before this change: caches on disk stay valid
+    assert FeatureCache.key(key["cpu"]) == FeatureCache.key(
+        {"what": "logits", "weights": "w", "norm": input_key(model), "data": "d", "pre": pre.key(), "precision": "fp32",
+         "device": "cpu", "layout": "channels_last"})
+    # manifests and provenance say the same; a bf16-training profile evaluates in fp32 all the same
+    profile = load_profile("cifar10")
+    assert profile.train.bf16
+    assert results.precision(profile, "cuda")["evaluation"] == "fp32, no TF32"
+    assert results.precision(profile, "cpu")["evaluation"] == "fp32"
+
+
 def test_training_on_a_gpu_turns_on_deterministic_kernels_and_restores_them(tmp_path, monkeypatch):
     """Issue 18: on CUDA, training runs with torch.use_deterministic_algorithms, cuDNN's deterministic algorithms
     without benchmarking and a fixed cuBLAS workspace (here "cpu" stands in for a device of
