@@ -447,19 +447,33 @@ def _config_difference(a: dict, b: dict, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: {a!r} (bundle) vs {b!r} (here)"]
 
 
-def _mixed_models(manifests: list[dict]) -> list[str]:
-    """Where the stages of one seed disagree about a model they share: a stage that used weights of stage X (its
-    ``models_used``) whose digest differs from X's own recorded ``final_digest`` (e.g. a base model re-trained on
-    another machine by nondeterministic kernels, while gamma and atypicality were measured on the original)."""
+def _mixed_models(manifests: list[dict]) -> list[tuple[str, int, str]]:
+    """Where the stages of one seed disagree about a model they share, as (stage, seed, what): a stage that used
+    weights of stage X (its ``models_used``) whose digest differs from X's own recorded ``final_digest`` (e.g. a base
+    model re-trained on another machine by nondeterministic kernels, while gamma and atypicality were measured on the
+    original)."""
     finals = {(m["stage"], int(m["seed"])): m.get("final_digest") for m in manifests}
     problems = []
     for m in manifests:
         for dep, used in (m.get("models_used") or {}).items():
             final = finals.get((dep, int(m["seed"])))
             if final is not None and used.get("digest") != final:
-                problems.append(f"stage {m['stage']} of seed {m['seed']} used {dep} weights {str(used.get('digest'))[:12]}"
-                                f", but {dep}'s own tables were computed with {final[:12]}")
+                problems.append((m["stage"], int(m["seed"]), f"stage {m['stage']} of seed {m['seed']} used {dep} "
+                                 f"weights {str(used.get('digest'))[:12]}, but {dep}'s own tables were computed with "
+                                 f"{final[:12]}"))
     return problems
+
+
+def _record_mixed_models(profile: Profile, mixed: list[tuple[str, int, str]]) -> None:
+    """Write each disagreement merged with ``--allow-mixed-models`` into the manifest of the stage concerned
+    (``mixed_models``), so the notebooks' provenance carries it."""
+    for stage, seed, what in mixed:
+        m = manifest(profile, stage, seed)
+        if m is None:
+            continue
+        m["mixed_models"] = sorted(set(m.get("mixed_models", [])) | {what})
+        with atomic_write(shard_dir(profile, stage, seed) / MANIFEST, "w") as f:
+            json.dump(m, f, indent=2, sort_keys=True, default=str)
 
 
 def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = False,
@@ -510,9 +524,14 @@ def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = Fa
     everything = [m for m in present if m is not None and (m["stage"], int(m["seed"])) not in incoming]
     mixed = _mixed_models(everything + list(incoming.values()))
     if mixed and not allow_mixed_models:
-        raise ShardError("the stages of a seed disagree about the weights they share: " + "; ".join(mixed) + ". "
+        raise ShardError("the stages of a seed disagree about the weights they share: "
+                         + "; ".join(what for _, _, what in mixed) + ". "
                          "Recompute the dependent stages where that model's weights are (one command per seed, or "
                          "with the bundle that carries them), or pass --allow-mixed-models to merge anyway")
+    if mixed:
+        log("warning: merged with --allow-mixed-models although the stages of a seed disagree about the weights they "
+            "share (recorded as mixed_models in their manifests and the notebooks' provenance): "
+            + "; ".join(what for _, _, what in mixed))
     if code_digest() not in codes:
         log(f"note: the bundles were computed by code {sorted(codes)}, this checkout is {code_digest()}; the analysis "
             "runs with this checkout")
@@ -538,6 +557,7 @@ def merge(profile: Profile, bundles: Iterable[Path], allow_mixed_code: bool = Fa
         os.replace(tmp, target)
         log(f"{path.name}: merged stage {m['stage']} seed {m['seed']} (computed on {m['device']} in "
             f"{m['seconds']:.0f} s)")
+    _record_mixed_models(profile, mixed)
     return sorted(seen)
 
 
@@ -561,5 +581,5 @@ def provenance(profile: Profile, notebook: str, seeds: Iterable[int]) -> dict:
             if m is not None:
                 out[f"{name}/seed{seed}"] = {k: m.get(k) for k in ("device", "seconds", "written", "code_digest",
                                                                    "git_commit", "torch", "final_digest",
-                                                                   "models_used")}
+                                                                   "models_used", "mixed_models")}
     return out

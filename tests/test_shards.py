@@ -449,8 +449,16 @@ def test_merge_refuses_a_seed_whose_stages_used_other_base_weights(machine, tmp_
     shards.merge(p, bundles[:2])  # the consistent part merges
     with pytest.raises(shards.ShardError, match="disagree"):  # and the other one is refused against what is here
         shards.merge(p, bundles[2:])
-    shards.merge(p, bundles[2:], allow_mixed_models=True)
+    said = []
+    shards.merge(p, bundles[2:], allow_mixed_models=True, log=said.append)
     assert shards.done(p, "um", 0)
+    # the override is said and recorded, in the stage's manifest and so in the notebooks' provenance
+    assert any(line.startswith("warning: merged with --allow-mixed-models") and "stage um of seed 0" in line
+               for line in said)
+    what = ["stage um of seed 0 used base weights bbbb, but base's own tables were computed with aaaa"]
+    assert shards.manifest(p, "um", 0)["mixed_models"] == what
+    assert "mixed_models" not in shards.manifest(p, "gamma", 0)
+    assert shards.provenance(p, "03", [0])["um/seed0"]["mixed_models"] == what
 
 
 def test_a_retrained_model_must_reproduce_the_recorded_weights(machine, tmp_path, monkeypatch, capsys):
