@@ -151,7 +151,7 @@ def train_without(profile: Profile, data: base.StudyData, seed: int, arm: str, r
     scorer = base.epoch_scorer(profile, data, base.feature_cache(profile), device, base.logit_detectors(profile))
     history = train(model, data.train_images[keep], data.train_labels[keep], profile.train, seed,
                     run_dir(profile, arm, removed, seed), device, on_epoch_end=scorer,
-                    log=lambda s: log(f"{arm} {s}"), name=arm)
+                    log=lambda s: log(f"{arm} {s}"), name=arm, keep_epochs=profile.keep_epoch_checkpoints)
     return pd.DataFrame(history).assign(seed=seed, model=arm)
 
 

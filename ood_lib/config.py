@@ -130,7 +130,8 @@ class Profile:
     threads: int | None = None             # torch CPU threads; None = torch's default
     # False: once a model stage has scored every epoch of a run into the feature cache, the run keeps only the epoch
     # checkpoints the study reads weights from again (the last, the selection rules' epochs, rule B's), not all
-    # 100 (ResNet-18: 45 MB each). Only disk changes; no table does.
+    # 100 (ResNet-18: 45 MB each); fine-tunes and removal arms, which read only their last, drop each epoch's as
+    # soon as the next is written (at most two on disk). Only disk changes; no table does.
     keep_epoch_checkpoints: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

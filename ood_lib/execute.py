@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -188,6 +189,63 @@ def run(profile_name: str, notebooks: list[str] | None = None, overrides: dict |
     return done
 
 
+def _models_only(profile, runner: shards.Runner, stages: list[str], seeds: list[int], t0: float) -> None:
+    """``run_shards(models_only=True)``: the models the listed stages start from, found, installed or re-trained and
+    checked, one line each."""
+    for seed in seeds:
+        # the models the listed stages start from, less those the listed stages train themselves (posthoc_um
+        # scores um's model: computing um here is the very work the later command does)
+        needed = dict.fromkeys(dep for name in stages if seed in runner.stage(name).runs_for(profile)
+                               for dep in runner.stage(name).models if dep not in stages)
+        for dep in needed:
+            if not shards.done(profile, dep, seed):
+                raise shards.ShardError(
+                    f"--models-only: stage {dep!r} seed {seed}, whose model the stages {','.join(stages)} start "
+                    f"from, has no tables here; give its bundle with --inputs (a models-only command re-trains or "
+                    f"installs models whose stage was computed elsewhere, it never computes a stage)")
+            info = runner.model(dep, seed)
+            how = "re-trained" if info["retrained"] else "installed" if info.get("installed") else "found"
+            check = (" = the recorded one" if info["match"] else " (no recorded digest to check it against)"
+                     if info["recorded"] is None else f" != the recorded {info['recorded'][:12]}")
+            print(f"model {dep} seed {seed}: {how} here, weights digest {str(info['digest'])[:12]}{check} "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+class DiskPeak:
+    """The most bytes a profile's results folder held while the block ran, above what it held at the start
+    (``paths.run_bytes``, sampled every ``every`` seconds on a background thread and at both ends): what a shard needs
+    of a machine's disk at its peak, where the bytes it leaves are only what stays after the dropped checkpoints."""
+
+    def __init__(self, profile_name: str, every: float = 2.0):
+        self.profile_name, self.every = profile_name, every
+        self.start = self.peak = self.end = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> int:
+        size = run_bytes(self.profile_name)
+        self.peak = max(self.peak, size)
+        return size
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "DiskPeak":
+        self.start = self.peak = run_bytes(self.profile_name)
+        self._thread = threading.Thread(target=self._watch, name="disk-peak", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.end = self._sample()
+
+    def said(self) -> str:
+        return (f"{(self.end - self.start) / 1e6:.1f} MB written, {(self.peak - self.start) / 1e6:.1f} MB at the "
+                f"peak (sampled every {self.every:g} s)")
+
+
 def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, overrides: dict | None = None,
                bundle_dir: Path | None = None, inputs: list[Path] = (), models_only: bool = False,
                allow_mixed_models: bool = False) -> list[Path]:
@@ -209,39 +267,26 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
     seeds = list(profile.seeds) if seeds is None else seeds
     if models_only:
         t0 = time.perf_counter()
-        for seed in seeds:
-            # the models the listed stages start from, less those the listed stages train themselves (posthoc_um
-            # scores um's model: computing um here is the very work the later command does)
-            needed = dict.fromkeys(dep for name in stages if seed in runner.stage(name).runs_for(profile)
-                                   for dep in runner.stage(name).models if dep not in stages)
-            for dep in needed:
-                if not shards.done(profile, dep, seed):
-                    raise shards.ShardError(
-                        f"--models-only: stage {dep!r} seed {seed}, whose model the stages {','.join(stages)} start "
-                        f"from, has no tables here; give its bundle with --inputs (a models-only command re-trains or "
-                        f"installs models whose stage was computed elsewhere, it never computes a stage)")
-                info = runner.model(dep, seed)
-                how = "re-trained" if info["retrained"] else "installed" if info.get("installed") else "found"
-                check = (" = the recorded one" if info["match"] else " (no recorded digest to check it against)"
-                         if info["recorded"] is None else f" != the recorded {info['recorded'][:12]}")
-                print(f"model {dep} seed {seed}: {how} here, weights digest {str(info['digest'])[:12]}{check} "
-                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        with DiskPeak(profile.name) as disk:
+            _models_only(profile, runner, stages, seeds, t0)
+        print(f"models of profile {profile.name} in {time.perf_counter() - t0:.1f} s: {disk.said()} under "
+              f"{results_dir(profile.name)}", flush=True)
         return []
     bundle_dir = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
     order = [name for name in runner.registry if name in stages]
     written = []
-    t0, start_bytes = time.perf_counter(), run_bytes(profile.name)
+    t0, whole = time.perf_counter(), DiskPeak(profile.name)
+    whole.start = whole.peak = whole.end = run_bytes(profile.name)
     for seed in seeds:
         for name in (n for n in order if seed in runner.stage(n).runs_for(profile)):
-            before = run_bytes(profile.name)
-            runner.tables(name, seed)
-            written.append(shards.pack(profile, name, seed, bundle_dir))
-            grown = run_bytes(profile.name) - before
-            print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB); stage {name} seed {seed} "
-                  f"wrote {grown / 1e6:.1f} MB to the run's folders", flush=True)
-    grown = run_bytes(profile.name) - start_bytes
-    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s, "
-          f"{grown / 1e6:.1f} MB written under {results_dir(profile.name)}", flush=True)
+            with DiskPeak(profile.name) as disk:
+                runner.tables(name, seed)
+                written.append(shards.pack(profile, name, seed, bundle_dir))
+            whole.peak, whole.end = max(whole.peak, disk.peak), disk.end
+            print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB); stage {name} seed {seed}: "
+                  f"{disk.said()} under the run's folders", flush=True)
+    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s: {whole.said()} "
+          f"under {results_dir(profile.name)}", flush=True)
     return written
 
 

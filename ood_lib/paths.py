@@ -56,5 +56,11 @@ def cache_dir(profile: str) -> Path:
 
 def run_bytes(profile: str) -> int:
     """Bytes of the files under a profile's results folder, its cache included (what a shard's stages write)."""
-    root = results_dir(profile)
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.exists() else 0
+    total = 0
+    for p in results_dir(profile).rglob("*"):
+        try:  # a file may vanish between listing and stat (a checkpoint dropped, a temporary renamed)
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total

@@ -213,6 +213,7 @@ class Piece:
     warm: bool                 # reads the run folders the piece before it left: the same, still warm, machine
     models_only: bool = False  # only re-trains the models its stages start from (``run_shards(models_only=True)``)
     blocked: str = ""          # why it cannot give mergeable bundles as things stand ("" when it can)
+    blocked_by: tuple[str, ...] = ()  # the models whose row must run again, with this code, to unblock it
 
     def fits(self, budget_s: float) -> bool:
         return not self.blocked and self.seconds is not None and self.seconds <= budget_s
@@ -233,7 +234,7 @@ def device_plan(done: Done, seed: int, budget_s: float) -> list[Piece]:
     for row, (own, reads) in enumerate(stages_mod.shard_plan(done.profile, seed), 1):
         retrain = [m for m in dict.fromkeys(m for n in own for m in registry[n].models)
                    if m not in own and not done.travels(m, seed)]
-        first, notes, blocked = STARTUP_SECONDS, [], []
+        first, notes, blocked, blocked_by = STARTUP_SECONDS, [], [], []
         for m in retrain:
             took = sizes.retraining(m, seed)
             first = first + took if took is not None and first is not None else None
@@ -246,20 +247,21 @@ def device_plan(done: Done, seed: int, budget_s: float) -> list[Piece]:
                 blocked.append(f"{m} seed {seed} was trained with nondeterministic kernels ({done_m['device']}, code "
                                f"{done_m['code_digest']}): a re-training cannot reproduce it, so re-run {m}'s row "
                                f"with this code first, its bundles replacing the ones recorded")
+                blocked_by.append(m)
         current: list[str] = []
         total, why, warm = first, list(notes), False
         if retrain and first is not None and own:
             sec, _ = sizes.stage(own[0])
             if sec is None or first + sec > budget_s:  # the re-training alone, then the stages on the warm machine
                 pieces.append(Piece(row, tuple(own), reads, first, "; ".join(notes), False, models_only=True,
-                                    blocked="; ".join(blocked)))
+                                    blocked="; ".join(blocked), blocked_by=tuple(blocked_by)))
                 total, why, warm = STARTUP_SECONDS, [], True
         for name in own:
             sec, how = sizes.stage(name)
             grown = None if total is None or sec is None else total + sec
             if current and (grown is None or grown > budget_s) and total is not None:
                 pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm,
-                                    blocked="; ".join(blocked)))
+                                    blocked="; ".join(blocked), blocked_by=tuple(blocked_by)))
                 current, warm, why = [], True, []
                 total = STARTUP_SECONDS
                 grown = None if sec is None else total + sec
@@ -267,7 +269,7 @@ def device_plan(done: Done, seed: int, budget_s: float) -> list[Piece]:
             why.append(how)
             total = grown
         pieces.append(Piece(row, tuple(current), reads if not warm else (), total, "; ".join(why), warm,
-                            blocked="; ".join(blocked)))
+                            blocked="; ".join(blocked), blocked_by=tuple(blocked_by)))
     return pieces
 
 
@@ -392,22 +394,38 @@ def report(done: Done, bundle_dir: Path | str | None = None, device_minutes: flo
 
 
 def _device_lines(done: Done, minutes: float, bundle_dir: Path | str | None) -> list[str]:
-    lines = []
-    for seed in done.profile.seeds:
-        said = ""
-        for piece in device_plan(done, seed, minutes * 60):
-            if all(done.manifest(n, seed) for n in piece.stages):
-                continue
-            size = "size unknown" if piece.seconds is None else f"~{piece.seconds / 60:.1f} min"
-            too_long = piece.seconds is None or piece.seconds > minutes * 60
-            why = "as above" if piece.blocked == said else piece.blocked
-            verdict = f", DOES NOT FIT {minutes:g} min" * too_long + f", BLOCKED ({why})" * bool(piece.blocked)
-            said = piece.blocked
-            warm = "; on the machine of the command above, while it is warm" if piece.warm else ""
-            lines.append(f"# seed {seed}, row {piece.row}: {size}{verdict} ({piece.basis}){warm}")
-            command = shards.device_command(done.profile, piece.stages, seed, piece.reads, bundle_dir,
-                                            piece.models_only)
-            lines.append(f"# {command}" if piece.blocked else command)  # a blocked command is not to be run
+    """The lent-GPU commands, row by row across the seeds (``device_plan``): every seed's base row first (claim 1),
+    then the fine-tune rows (claim 3, then 04), the removal arms and notebook 06's rows, as ``stages.shard_plan``
+    orders a seed's rows. A seed whose rows are blocked by a model trained before deterministic kernels gets that
+    model's row again, after the other seeds' runs of that row, with what to do with the bundles it replaces."""
+    pieces = {seed: device_plan(done, seed, minutes * 60) for seed in done.profile.seeds}
+    again = {seed: {x.row for x in seed_pieces for y in seed_pieces if set(y.blocked_by) & set(x.stages)}
+             for seed, seed_pieces in pieces.items()}  # the rows that make a blocking model
+    todo = [(seed, piece, False) for seed, seed_pieces in pieces.items() for piece in seed_pieces
+            if not all(done.manifest(n, seed) for n in piece.stages)]
+    todo += [(seed, piece, True) for seed, seed_pieces in pieces.items() for piece in seed_pieces
+             if piece.row in again[seed]]
+    todo.sort(key=lambda t: (t[1].row, t[2], t[0]))  # stable: a row's pieces of one seed stay in their order
+    folder = Path(bundle_dir) if bundle_dir else Path("results") / done.profile.name / "bundles"
+    lines, said = [], ""
+    for seed, piece, rerun in todo:
+        if rerun and not piece.warm:
+            row = [n for x in pieces[seed] if x.row == piece.row for n in x.stages]
+            lines.append(f"# seed {seed}, row {piece.row} again, with this code: its recorded bundles were trained with "
+                         f"nondeterministic kernels and block seed {seed}'s later rows; the new bundles replace "
+                         f"{', '.join(str(folder / shards.bundle_name(done.profile, n, seed)) for n in row)} "
+                         f"(move those aside before merging the new ones)")
+        size = "size unknown" if piece.seconds is None else f"~{piece.seconds / 60:.1f} min"
+        fit = (", fit unknown (not measured on a GPU)" if piece.seconds is None
+               else f", DOES NOT FIT {minutes:g} min" * (piece.seconds > minutes * 60))
+        why = "as above" if piece.blocked == said else piece.blocked
+        verdict = fit + f", BLOCKED ({why})" * bool(piece.blocked)
+        said = piece.blocked
+        warm = "; on the machine of the command above, while it is warm" if piece.warm else ""
+        lines.append(f"# seed {seed}, row {piece.row}{' again' * rerun}: {size}{verdict} ({piece.basis}){warm}")
+        command = shards.device_command(done.profile, piece.stages, seed, piece.reads, bundle_dir,
+                                        piece.models_only)
+        lines.append(f"# {command}" if piece.blocked else command)  # a blocked command is not to be run
     return lines
 
 

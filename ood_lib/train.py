@@ -314,7 +314,8 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
           on_epoch_end: Callable[[int, torch.nn.Module], dict] | None = None,
           log: Callable[[str], None] = print,
           objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
-          parameters: list[torch.nn.Parameter] | None = None, name: str = "train") -> list[dict]:
+          parameters: list[torch.nn.Parameter] | None = None, name: str = "train",
+          keep_epochs: bool = True) -> list[dict]:
     """Train ``model`` on uint8 ``images`` (N, C, H, W) and int64 ``labels``; return the per-epoch history.
 
     Resumes from ``run_dir/state.pt`` when it exists. ``on_epoch_end(epoch, model)`` may return extra values
@@ -322,6 +323,9 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
     ``objective`` maps the mini-batch mean cross-entropy to the loss that is minimised (default: itself; UM's
     flooding in ``ood_lib.um``); the history's ``train_loss`` is always the cross-entropy. ``parameters`` are
     what the optimiser updates (default: every parameter of the model). ``name`` labels the progress bar.
+    ``keep_epochs=False``: an epoch's checkpoint is removed once the next epoch's resume state is written (after
+    ``on_epoch_end`` scored it), so the folder holds at most two epoch checkpoints and, at the end, only the last;
+    for runs whose later passes all come from the cache (their digests stay in the history, ``drop_checkpoints``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -409,6 +413,8 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cf
             history.append(entry)
             save_checkpoint({"epoch": epoch, "seed": seed, "config": cfg.__dict__, "model": weights,
                          "optimizer": opt.state_dict(), "history": history}, state_path)
+            if not keep_epochs:
+                (run_dir / f"epoch_{epoch - 1:03d}.pt").unlink(missing_ok=True)
             log(f"seed {seed} epoch {epoch:3d}/{cfg.epochs}  lr {lr:.4f}  loss {mean_loss:.4f}  "
                 f"acc {entry['train_acc']:.4f}  {seconds:.1f}s ({entry['images_per_second']:.0f} img/s)"
                 + "".join(f"  {k} {v:.4f}" for k, v in entry.items() if k.startswith("log_")))

@@ -291,7 +291,7 @@ def fine_tune(profile: Profile, data: base.StudyData, seed: int, ft: FineTune, g
     scorer = base.epoch_scorer(profile, data, cache, device, base.logit_detectors(profile))
     history = train(model, data.train_images, data.train_labels, schedule(profile), seed, directory, device,
                     on_epoch_end=scorer, log=lambda s: log(f"{ft.name} {s}"), objective=objective,
-                    parameters=params, name=ft.name)
+                    parameters=params, name=ft.name, keep_epochs=profile.keep_epoch_checkpoints)
     return pd.DataFrame(history).assign(seed=seed, model=ft.name, gamma=gamma if ft.flooded else np.nan)
 
 

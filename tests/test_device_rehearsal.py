@@ -146,12 +146,17 @@ def test_every_shard_kind_comes_back_as_bundles_that_merge(device, tmp_path, mac
             assert r.returncode == 0 and "model base seed 0: " in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
             assert "= the recorded one" in (out / "log-um-posthoc_um-seed0-models.txt").read_text()
             assert "model um " not in r.stdout  # um is computed by the row itself, not by its models-only command
+            assert re.search(r"models of profile cifar10 in [\d.]+ s: [\d.]+ MB written, [\d.]+ MB at the peak",
+                             r.stdout), r.stdout[-2000:]
             assert not (out / "cifar10__um__seed0.tar.gz").exists()
         t0 = time.perf_counter()
         r = subprocess.run(["bash", "scripts/device_shard.sh", stages, "0", *inputs], cwd=repo,
                            env={**env, "OUT": str(out), "OOD_SET": sets}, capture_output=True, text=True, timeout=900)
         print(f"shard {stages}: {time.perf_counter() - t0:.1f} s")
         assert r.returncode == 0, f"shard {stages}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        # every shard says what it leaves on the machine's disk and the most it held at once
+        assert re.search(r"shard\(s\) of profile cifar10 in [\d.]+ s: [\d.]+ MB written, [\d.]+ MB at the peak",
+                         r.stdout), r.stdout[-2000:]
         for stage in stages.split(","):
             path = out / f"cifar10__{stage}__seed0.tar.gz"
             assert path.is_file(), f"shard {stages} wrote no bundle for {stage}:\n{r.stdout[-2000:]}"

@@ -193,7 +193,18 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
     out = capsys.readouterr().out.splitlines()
     commands = [line for line in out if "bash scripts/device_shard.sh" in line]
     assert "bash scripts/device_shard.sh atypical,gamma,posthoc_base 1" in commands
-    assert "bash scripts/device_shard.sh base 0" not in commands  # done
+    # row by row across the seeds: every seed's base row (claim 1) before any fine-tune row (claim 3)
+    first_um = next(i for i, c in enumerate(commands) if "um,posthoc_um" in c)
+    assert commands.index("bash scripts/device_shard.sh base 2") < first_um
+    assert commands.index("bash scripts/device_shard.sh no_random 0 results/cifar10/bundles/cifar10__atypical__seed0"
+                          ".tar.gz") > max(i for i, c in enumerate(commands) if " ft_ce " in c)
+    # seed 0's base row is done, but with nondeterministic kernels: it is planned again, after the other seeds' base
+    # rows and before the rows it blocks, with the bundles it replaces named
+    assert commands.index("bash scripts/device_shard.sh base 0") > commands.index("bash scripts/device_shard.sh base 2")
+    assert commands.index("bash scripts/device_shard.sh base 0") < first_um
+    assert commands.count("bash scripts/device_shard.sh base 0") == 1
+    again = next(line for line in out if line.startswith("# seed 0, row 1 again, with this code"))
+    assert "results/cifar10/bundles/cifar10__base__seed0.tar.gz" in again and "posthoc_base__seed0" in again
     assert "MODELS_ONLY=1 bash scripts/device_shard.sh um,posthoc_um 1 results/cifar10/bundles/cifar10__gamma__seed1" \
         ".tar.gz results/cifar10/bundles/cifar10__base__seed1.tar.gz" in commands
     assert commands[commands.index(next(c for c in commands if c.startswith("MODELS_ONLY=1") and " 1 " in c)) + 1] \
@@ -202,7 +213,8 @@ def test_device_plan_cuts_rows_to_the_budget_from_what_was_measured_on_a_gpu(mac
                for line in out)
     assert "# MODELS_ONLY=1 bash scripts/device_shard.sh um,posthoc_um 0 results/cifar10/bundles/cifar10__gamma__seed0" \
         ".tar.gz results/cifar10/bundles/cifar10__base__seed0.tar.gz" in out  # blocked: commented out
-    assert any("DOES NOT FIT 9 min" in line and "paper_um not measured" in line for line in out)
+    assert any("fit unknown (not measured on a GPU)" in line and "paper_um not measured" in line for line in out)
+    assert not any("DOES NOT FIT" in line for line in out)  # every sized piece fits 9 minutes
     assert reproduce.main(["--profile", "cifar10", "--device-minutes", "9"]) == 2  # only with --plan
 
 

@@ -97,6 +97,35 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
     assert not torch.equal(mid.fc.weight, full.fc.weight)
 
 
+def test_a_run_that_keeps_no_epochs_holds_at_most_two_checkpoints_and_resumes_exactly(tmp_path):
+    """Issue 18 (bounded disk): with ``keep_epochs=False`` every epoch is still written and scored (its digest in
+    the history), but the previous epoch's checkpoint goes once the resume state is written: never more than two
+    epoch files on disk, only the last at the end; an interrupted run resumes to the same weights."""
+    x, y = _data()
+    full = _model()
+    history = train(full, x, y, CFG, seed=0, run_dir=tmp_path / "full", device=torch.device("cpu"),
+                    log=lambda s: None)
+    on_disk = []
+
+    def count(epoch, model):
+        on_disk.append(sorted(p.name for p in (tmp_path / "lean").glob("epoch_*.pt")))
+        if epoch == 2 and len(on_disk) == 2:
+            raise KeyboardInterrupt  # killed after epoch 2's weights, before its resume state
+        return {}
+
+    lean = _model()
+    with pytest.raises(KeyboardInterrupt):
+        train(lean, x, y, CFG, seed=0, run_dir=tmp_path / "lean", device=torch.device("cpu"), on_epoch_end=count,
+              log=lambda s: None, keep_epochs=False)
+    resumed = train(_model(seed=5), x, y, CFG, seed=0, run_dir=tmp_path / "lean", device=torch.device("cpu"),
+                    on_epoch_end=count, log=lambda s: None, keep_epochs=False)
+    assert on_disk == [["epoch_001.pt"], ["epoch_001.pt", "epoch_002.pt"], ["epoch_001.pt", "epoch_002.pt"],
+                       ["epoch_002.pt", "epoch_003.pt"]]
+    assert sorted(p.name for p in (tmp_path / "lean").glob("epoch_*.pt")) == ["epoch_003.pt"]
+    assert [h["digest"] for h in resumed] == [h["digest"] for h in history]
+    assert torch.equal(load_epoch(_model(seed=9), tmp_path / "lean", 3).fc.weight, full.fc.weight)
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     x, y = _data()
     train(_model(), x, y, TrainConfig(epochs=1, batch_size=16), seed=0, run_dir=tmp_path, device=torch.device("cpu"),
