@@ -170,7 +170,7 @@ def extract(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
     model.eval().to(device)
     logits, feats = [], []
     with evaluation(model), progress.Bar(-(-images.shape[0] // batch_size), "extract", unit="batch",
-                                            leave=False) as bar:
+                                         leave=False) as bar:
         for start in range(0, images.shape[0], batch_size):
             x = as_channels_last(images[start:start + batch_size].to(device, non_blocking=True).float().div_(255))
             f = model.features(x)
@@ -269,6 +269,7 @@ def ash_score_table(cache: FeatureCache, model: torch.nn.Module, digest: str, im
     missing = [cfg for cfg in configs if not cache.path(parts[cfg]).exists()]
 
     def table(pairs):
+        model.eval().to(device)
         with evaluation(model):
             return ash.energy_table(model, images, device, pairs, site, batch_size)
 

@@ -406,14 +406,13 @@ def _device_lines(done: Done, minutes: float, bundle_dir: Path | str | None) -> 
     todo += [(seed, piece, True) for seed, seed_pieces in pieces.items() for piece in seed_pieces
              if piece.row in again[seed]]
     todo.sort(key=lambda t: (t[1].row, t[2], t[0]))  # stable: a row's pieces of one seed stay in their order
-    folder = Path(bundle_dir) if bundle_dir else Path("results") / done.profile.name / "bundles"
     lines, said = [], ""
     for seed, piece, rerun in todo:
         if rerun and not piece.warm:
             row = [n for x in pieces[seed] if x.row == piece.row for n in x.stages]
             lines.append(f"# seed {seed}, row {piece.row} again, with this code: its recorded bundles were trained with "
                          f"nondeterministic kernels and block seed {seed}'s later rows; the new bundles replace "
-                         f"{', '.join(str(folder / shards.bundle_name(done.profile, n, seed)) for n in row)} "
+                         f"{', '.join(str(shards.device_bundle(done.profile, n, seed, bundle_dir)) for n in row)} "
                          f"(move those aside before merging the new ones)")
         size = "size unknown" if piece.seconds is None else f"~{piece.seconds / 60:.1f} min"
         fit = (", fit unknown (not measured on a GPU)" if piece.seconds is None

@@ -167,12 +167,18 @@ def command(profile: Profile, stages: Iterable[str], seeds: Iterable[int], reads
     return out + (f" --inputs {' '.join(bundles)}" if bundles else "")
 
 
+def device_bundle(profile: Profile, stage: str, seed: int, bundle_dir: Path | str | None = None) -> Path:
+    """Where a device command's bundle of (stage, seed) is named (``bundle_dir``, default results/<profile>/bundles,
+    relative to the repository root)."""
+    folder = Path(bundle_dir) if bundle_dir else Path("results") / profile.name / "bundles"
+    return folder / bundle_name(profile, stage, seed)
+
+
 def device_command(profile: Profile, stages: Iterable[str], seed: int, reads: Iterable[str] = (),
                    bundle_dir: Path | str | None = None, models_only: bool = False) -> str:
     """``command`` as run on a lent GPU machine (``scripts/device_shard.sh``: the carried data, bundles to $OUT);
     ``models_only``: the command that only re-trains the models the stages start from (MODELS_ONLY=1)."""
-    folder = Path(bundle_dir) if bundle_dir else Path("results") / profile.name / "bundles"
-    bundles = [str(folder / bundle_name(profile, r, seed)) for r in reads]
+    bundles = [str(device_bundle(profile, r, seed, bundle_dir)) for r in reads]
     return " ".join(["MODELS_ONLY=1 " * models_only + "bash scripts/device_shard.sh", ",".join(stages), str(seed),
                      *bundles])
 

@@ -52,7 +52,7 @@ def flood(loss: torch.Tensor, gamma: float) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
               batch_size: int, aug: TrainConfig | None = None, seed: int = 0) -> float:
-    """Mean cross-entropy over uint8 ``images`` in eval mode (channels-last, ``train.evaluation``); with
+    """Mean cross-entropy over uint8 ``images`` in eval mode (``train.evaluation``: float32, channels-last); with
     ``aug``, its crop/flip (seeded by ``seed``)."""
     model.eval().to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
