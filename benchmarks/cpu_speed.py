@@ -23,7 +23,7 @@ import torch
 
 from ood_lib.config import TrainConfig, load_profile
 from ood_lib.features import extract
-from ood_lib.models import resnet_small
+from ood_lib.models import ARCHITECTURES
 from ood_lib.results import device_name
 from ood_lib.train import fast_paths, train
 
@@ -51,8 +51,8 @@ def main():
     p = load_profile("cifar10-cpu")
     n = 256 if args.quick else 2560
     torch.manual_seed(0)
-    model = resnet_small(num_classes=10, in_channels=3, **{k: tuple(v) if isinstance(v, list) else v
-                                                          for k, v in p.model.options.items()})
+    model = ARCHITECTURES[p.model.arch](num_classes=10, in_channels=p.data.channels,
+                                        **{k: tuple(v) if isinstance(v, list) else v for k, v in p.model.options.items()})
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (n,))
     cpu = torch.device("cpu")

@@ -211,12 +211,15 @@ def _models_only(profile, runner: shards.Runner, stages: list[str], seeds: list[
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
+DISK_SAMPLE_SECONDS = 5.0  # a sample of a study's results folder takes a few tens of ms (``paths.run_bytes``)
+
+
 class DiskPeak:
     """The most bytes a profile's results folder held while the block ran, above what it held at the start
     (``paths.run_bytes``, sampled every ``every`` seconds on a background thread and at both ends): what a shard needs
     of a machine's disk at its peak, where the bytes it leaves are only what stays after the dropped checkpoints."""
 
-    def __init__(self, profile_name: str, every: float = 2.0):
+    def __init__(self, profile_name: str, every: float = DISK_SAMPLE_SECONDS):
         self.profile_name, self.every = profile_name, every
         self.start = self.peak = self.end = 0
         self._stop = threading.Event()
@@ -242,8 +245,11 @@ class DiskPeak:
         self.end = self._sample()
 
     def said(self) -> str:
-        return (f"{(self.end - self.start) / 1e6:.1f} MB written, {(self.peak - self.start) / 1e6:.1f} MB at the "
-                f"peak (sampled every {self.every:g} s)")
+        return _bytes_said(self.start, self.end, self.peak, self.every)
+
+
+def _bytes_said(start: int, end: int, peak: int, every: float) -> str:
+    return f"{(end - start) / 1e6:.1f} MB written, {(peak - start) / 1e6:.1f} MB at the peak (sampled every {every:g} s)"
 
 
 def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, overrides: dict | None = None,
@@ -275,18 +281,18 @@ def run_shards(profile_name: str, stages: list[str], seeds: list[int] | None, ov
     bundle_dir = Path(bundle_dir) if bundle_dir else results_dir(profile.name) / "bundles"
     order = [name for name in runner.registry if name in stages]
     written = []
-    t0, whole = time.perf_counter(), DiskPeak(profile.name)
-    whole.start = whole.peak = whole.end = run_bytes(profile.name)
+    t0 = time.perf_counter()
+    start = peak = end = run_bytes(profile.name)
     for seed in seeds:
         for name in (n for n in order if seed in runner.stage(n).runs_for(profile)):
             with DiskPeak(profile.name) as disk:
                 runner.tables(name, seed)
                 written.append(shards.pack(profile, name, seed, bundle_dir))
-            whole.peak, whole.end = max(whole.peak, disk.peak), disk.end
+            peak, end = max(peak, disk.peak), disk.end
             print(f"bundle: {written[-1]} ({written[-1].stat().st_size / 1e6:.2f} MB); stage {name} seed {seed}: "
                   f"{disk.said()} under the run's folders", flush=True)
-    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s: {whole.said()} "
-          f"under {results_dir(profile.name)}", flush=True)
+    print(f"{len(written)} shard(s) of profile {profile.name} in {time.perf_counter() - t0:.1f} s: "
+          f"{_bytes_said(start, end, peak, DISK_SAMPLE_SECONDS)} under {results_dir(profile.name)}", flush=True)
     return written
 
 

@@ -399,8 +399,9 @@ def _device_lines(done: Done, minutes: float, bundle_dir: Path | str | None) -> 
     orders a seed's rows. A seed whose rows are blocked by a model trained before deterministic kernels gets that
     model's row again, after the other seeds' runs of that row, with what to do with the bundles it replaces."""
     pieces = {seed: device_plan(done, seed, minutes * 60) for seed in done.profile.seeds}
-    again = {seed: {x.row for x in seed_pieces for y in seed_pieces if set(y.blocked_by) & set(x.stages)}
-             for seed, seed_pieces in pieces.items()}  # the rows that make a blocking model
+    blocking = {seed: {m for x in seed_pieces for m in x.blocked_by} for seed, seed_pieces in pieces.items()}
+    again = {seed: {x.row for x in seed_pieces if blocking[seed] & set(x.stages)}  # the rows that make them
+             for seed, seed_pieces in pieces.items()}
     todo = [(seed, piece, False) for seed, seed_pieces in pieces.items() for piece in seed_pieces
             if not all(done.manifest(n, seed) for n in piece.stages)]
     todo += [(seed, piece, True) for seed, seed_pieces in pieces.items() for piece in seed_pieces

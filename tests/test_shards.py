@@ -246,7 +246,7 @@ def test_cifar10_cpu_stages_run_end_to_end_and_merge(machine, tmp_path, capsys):
     a = execute.run_shards("cifar10-cpu", first, [0], TINY_CPU, tmp_path / "bundles")
     said = capsys.readouterr().out  # each stage and the command report the bytes they wrote
     written = [(float(x), float(y)) for x, y in re.findall(r"stage \w+ seed 0: ([\d.]+) MB written, ([\d.]+) MB at "
-                                                             r"the peak \(sampled every 2 s\) under the run's folders",
+                                                             r"the peak \(sampled every 5 s\) under the run's folders",
                                                              said)]
     total = re.search(r"3 shard\(s\) of profile cifar10-cpu in [\d.]+ s: ([\d.]+) MB written, ([\d.]+) MB at the "
                       r"peak", said)
